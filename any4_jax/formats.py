@@ -1,0 +1,255 @@
+"""Every format as "LUT + per-group scale and zero" (SPEC §2).
+
+    W[n, k] ≈ lut[n, codes[n, k]] * scales[n, k // G] + zeros[n, k // G]
+
+Storage (``QuantizedWeight``):
+  * ``codes``  ``(N, ceil(K / 2))`` uint8: two codes per byte, element ``2i`` in
+    the low nibble and ``2i + 1`` in the high one.  2- and 3-bit codes use the
+    same 4-bit containers (one layout, one kernel); ``bits_per_weight`` counts
+    the storage actually used, so it is honest about that.
+  * ``lut``    ``(N, 2**bits)``: one table per row (int/nf4/fp4 repeat a fixed one).
+  * ``scales``, ``zeros``  ``(N, n_groups)`` with ``n_groups = ceil(K / G)``.
+  LUT, scales and zeros are float32 by default; ``dtype=jnp.bfloat16`` rounds
+  them after quantization, as the original does for the LUT (0.19 fewer bits a
+  weight at G = 128, a small extra error).
+
+int formats store ``lut = 0 .. 2**bits - 1`` and ``zero = min``, so they
+dequantize bit-exactly to ``q * s + min`` (SPEC's centred ``lut - 2**(bits-1)``
+is the same format with the zero shifted; anyN uses that centring).
+
+When K is not a multiple of G the last group is shorter: the padding takes no
+part in min/max (edge padding), k-means (zero weight) or the output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from any4_jax import kmeans
+
+FORMATS = ("int4", "int3", "int2", "nf4", "fp4", "any4", "any3", "any2")
+GROUP_SIZES = (32, 64, 128, 256, 512, 1024, None)
+
+NF4_TABLE = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
+    0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0], np.float32)
+# bitsandbytes' FP4 (E2M1 variant): code = sign << 3 | magnitude index.
+_FP4_MAGNITUDES = np.array([0, 0.0625, 8, 12, 4, 6, 2, 3], np.float64) / 12
+FP4_TABLE = np.concatenate([_FP4_MAGNITUDES, -_FP4_MAGNITUDES]).astype(np.float32)
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["codes", "lut", "scales", "zeros"],
+    meta_fields=["shape", "bits", "group_size", "fmt"],
+)
+@dataclasses.dataclass(frozen=True)
+class QuantizedWeight:
+    """A quantized ``(N, K)`` weight (PyTorch layout: N outputs, K inputs).
+
+    ``group_size`` is the actual group length (K when quantized with ``None``).
+    """
+
+    codes: jax.Array   # (N, ceil(K/2)) uint8, two codes per byte
+    lut: jax.Array     # (N, 2**bits)
+    scales: jax.Array  # (N, n_groups)
+    zeros: jax.Array   # (N, n_groups)
+    shape: tuple[int, int]
+    bits: int
+    group_size: int
+    fmt: str
+
+    @property
+    def n_groups(self) -> int:
+        return -(-self.shape[1] // self.group_size)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+                   for a in (self.codes, self.lut, self.scales, self.zeros))
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / (self.shape[0] * self.shape[1])
+
+
+def pack_codes(codes):
+    """``(N, K)`` ints in [0, 16) -> ``(N, ceil(K/2))`` uint8."""
+    codes = jnp.asarray(codes, jnp.uint8)
+    if codes.shape[1] % 2:
+        codes = jnp.pad(codes, ((0, 0), (0, 1)))
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_codes(packed, k: int):
+    """``(N, ceil(K/2))`` uint8 -> ``(N, K)`` uint8."""
+    both = jnp.stack([packed & 0xF, packed >> 4], axis=-1)
+    return both.reshape(packed.shape[0], -1)[:, :k]
+
+
+def dequantize(qw: QuantizedWeight, dtype=jnp.float32):
+    """``(N, K)`` weight of ``dtype``: ``lut[codes] * scale + zero`` computed in float32."""
+    n, k = qw.shape
+    g = qw.group_size
+    codes = unpack_codes(qw.codes, k).astype(jnp.int32)
+    values = jnp.take_along_axis(qw.lut.astype(jnp.float32), codes, axis=1)
+    values = _to_groups(values, g)
+    out = values * qw.scales.astype(jnp.float32)[..., None] + qw.zeros.astype(jnp.float32)[..., None]
+    return out.reshape(n, -1)[:, :k].astype(dtype)
+
+
+def quantize_tensor(w, fmt: str = "any4", group_size: int | None = 128, *,
+                    sample_weight=None, scale_sample_weight: bool = True, key=None,
+                    dtype=jnp.float32, **kmeans_options) -> QuantizedWeight:
+    """Quantize an ``(N, K)`` weight (PyTorch layout) to ``fmt``.
+
+    Args:
+      w: ``(N, K)`` float array.
+      fmt: one of ``FORMATS``.
+      group_size: one of ``GROUP_SIZES``; ``None`` is one group per row. K need
+        not be a multiple of it (the last group is shorter).
+      sample_weight: optional ``(K,)`` non-negative per-input-channel statistic
+        (calibration, SPEC §3); used by anyN only.
+      scale_sample_weight: anyN: multiply the k-means element weights by the
+        group scale (``ω = a[k] * s[n, g(k)]``, the paper's best setting).
+      key: PRNG key for k-means (anyN); default ``PRNGKey(0)``.
+      dtype: storage dtype of LUT, scales and zeros.
+      **kmeans_options: passed to ``kmeans.weighted_kmeans_1d``.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; accepted: {', '.join(FORMATS)}")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"unsupported group_size {group_size!r}; accepted: "
+                         f"{', '.join(map(str, GROUP_SIZES))}")
+    w = jnp.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"w must be a 2-D (N, K) weight matrix; got shape {w.shape}")
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise ValueError(f"w must be a float array; got dtype {w.dtype}")
+    n, k = w.shape
+    if n == 0 or k == 0:
+        raise ValueError(f"w must be non-empty; got shape {w.shape}")
+    w = w.astype(jnp.float32)
+    _check_finite(w, "w")
+    if sample_weight is not None:
+        sample_weight = jnp.asarray(sample_weight, jnp.float32)
+        if sample_weight.shape != (k,):
+            raise ValueError(f"sample_weight must have shape (K,) = ({k},) to match w of shape "
+                             f"{w.shape}; got {sample_weight.shape}")
+        _check_finite(sample_weight, "sample_weight")
+        if bool(jnp.any(sample_weight < 0)):
+            raise ValueError("sample_weight must be non-negative")
+
+    g = k if group_size is None else group_size
+    bits = int(fmt[-1])
+    wg = _to_groups(w, g, mode="edge")  # (N, n_groups, G)
+    if fmt.startswith("int"):
+        lut, codes, scales, zeros = _quantize_int(wg, bits)
+    elif fmt in ("nf4", "fp4"):
+        lut, codes, scales, zeros = _quantize_table(wg, NF4_TABLE if fmt == "nf4" else FP4_TABLE)
+    else:
+        lut, codes, scales, zeros = _quantize_any(wg, bits, k, sample_weight,
+                                                  scale_sample_weight, key, kmeans_options)
+    codes = codes.reshape(n, -1)[:, :k]
+    return QuantizedWeight(pack_codes(codes), lut.astype(dtype), scales.astype(dtype),
+                           zeros.astype(dtype), (n, k), bits, g, fmt)
+
+
+def _to_groups(a, g, mode="constant"):
+    """``(N, K)`` -> ``(N, ceil(K/g), g)``, padding the last group."""
+    n, k = a.shape
+    pad = -k % g
+    if pad:
+        a = jnp.pad(a, ((0, 0), (0, pad)), mode=mode)
+    return a.reshape(n, -1, g)
+
+
+def _check_finite(a, name):
+    bad = ~jnp.isfinite(a)
+    count = int(bad.sum())
+    if count:
+        first = tuple(int(i) for i in np.argwhere(np.asarray(bad))[0])
+        raise ValueError(f"{name} has {count} non-finite value(s) (NaN/Inf), the first at index "
+                         f"{first}; quantization needs finite weights")
+
+
+def _divide(a, b):
+    """``a / b`` with ``b`` broadcast to ``a``, correctly rounded. XLA rewrites a
+    division by a broadcast into a multiplication by the reciprocal (not the
+    SPEC's float32 formula); the barrier hides the broadcast from it."""
+    return a / jax.lax.optimization_barrier(jnp.broadcast_to(b, a.shape))
+
+
+def _min_max_scale(wg, levels):
+    mn = wg.min(axis=-1)
+    return mn, _divide(jnp.maximum(wg.max(axis=-1) - mn, 1e-6), jnp.float32(levels))
+
+
+@functools.partial(jax.jit, static_argnames="bits")
+def _quantize_int(wg, bits):
+    levels = 2 ** bits - 1
+    mn, s = _min_max_scale(wg, levels)
+    q = jnp.clip(jnp.round(_divide(wg - mn[..., None], s[..., None])), 0, levels)
+    lut = jnp.broadcast_to(jnp.arange(levels + 1, dtype=jnp.float32), (wg.shape[0], levels + 1))
+    return lut, q.astype(jnp.uint8), s, mn
+
+
+def _nearest_code_thresholds(table):
+    """For a fixed table: sorted values, their codes, and exact float32 thresholds.
+
+    ``r`` goes above the midpoint ``m`` between two neighbours when ``r > m``,
+    and on a tie (``r == m``) to the value of larger magnitude (bitsandbytes).
+    Midpoints are exact in float64; comparing a float32 ``r`` with them is the
+    same as comparing with the float32 just above (``>=``) or below (``>``).
+    """
+    order = np.argsort(table, kind="stable")
+    values = table[order].astype(np.float64)
+    mids = (values[1:] + values[:-1]) / 2
+    above = np.array([np.nextafter(np.float32(m), np.float32(np.inf)) if np.float32(m) < m
+                      else np.float32(m) for m in mids], np.float32)  # smallest f32 >= m
+    below = np.array([np.nextafter(np.float32(m), np.float32(-np.inf)) if np.float32(m) > m
+                      else np.float32(m) for m in mids], np.float32)  # largest f32 <= m
+    return order.astype(np.uint8), above, below, mids > 0  # ties go up above zero
+
+
+@functools.partial(jax.jit, static_argnames="table_key")
+def _quantize_table_impl(wg, table_key):
+    table = NF4_TABLE if table_key == "nf4" else FP4_TABLE
+    codes_sorted, above, below, tie_up = _nearest_code_thresholds(table)
+    a = jnp.abs(wg).max(axis=-1)
+    r = _divide(wg, jnp.where(a > 0, a, 1.0)[..., None])
+    goes_up = jnp.where(tie_up, r[..., None] >= above, r[..., None] > below)
+    idx = goes_up.sum(-1)
+    codes = jnp.asarray(codes_sorted)[idx]
+    lut = jnp.broadcast_to(jnp.asarray(table), (wg.shape[0], 16))
+    return lut, codes, a, jnp.zeros_like(a)
+
+
+def _quantize_table(wg, table):
+    return _quantize_table_impl(wg, "nf4" if table is NF4_TABLE else "fp4")
+
+
+def _quantize_any(wg, bits, k, sample_weight, scale_sample_weight, key, kmeans_options):
+    n, n_groups, g = wg.shape
+    levels = 2 ** bits - 1
+    mn, s = _min_max_scale(wg, levels)
+    u = _divide(wg - mn[..., None], s[..., None]).reshape(n, -1)
+    valid = (jnp.arange(n_groups * g) < k).astype(jnp.float32)  # padding gets zero weight
+    if sample_weight is None or not bool(jnp.any(sample_weight > 0)):
+        omega = jnp.broadcast_to(valid, u.shape)
+    else:
+        a = jnp.pad(sample_weight, (0, n_groups * g - k))
+        omega = jnp.broadcast_to(a, u.shape)
+        if scale_sample_weight:
+            omega = omega * jnp.repeat(s, g, axis=1)
+    centroids, labels = kmeans.weighted_kmeans_1d(u, omega, levels + 1, key=key, **kmeans_options)
+    half = 2 ** (bits - 1)
+    return centroids - half, labels, s, mn + half * s

@@ -1,0 +1,260 @@
+"""Weighted 1-D k-means, one independent problem per row, jitted and vmapped.
+
+The solver never sorts a row (XLA's CPU sort is the main cost of the obvious
+approach, SPEC §6).  Instead each row is summarised by a fine histogram: ``n_bins``
+equal-width bins over the row's range, each bin carrying its total weight and
+its weighted mean.  The bin means are already sorted, so Lloyd's algorithm runs
+on them with prefix sums and ``searchsorted`` — O(n_clusters · log n_bins) per
+iteration, independent of the row length.  The k-means objective decomposes
+exactly into within-bin variance (a constant) plus the objective on the bin
+means, so the only approximation is that a bin goes to a single cluster; the
+final step assigns every element exactly to its nearest centroid and recomputes
+the centroids from the raw elements.  Because iterations are this cheap, several
+k-means++ starts are affordable (``n_init``) and the best one is kept.
+
+``n_bins=None`` sorts the row instead (every element its own point): exact
+Lloyd, slower.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+INITS = ("k-means++", "uniform", "nf4", "random")
+_DEFAULT_N_BINS = 1024
+_SEED_POINTS = 256  # k-means++ runs on at most about this many (merged) points
+
+
+def weighted_kmeans_1d(
+    x,
+    weights=None,
+    n_clusters: int = 16,
+    *,
+    key=None,
+    init: str = "k-means++",
+    n_init: int = 3,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+    n_bins: int | None = _DEFAULT_N_BINS,
+    chunk_rows: int = 512,
+):
+    """Weighted k-means on each row of ``x`` independently.
+
+    Args:
+      x: ``(R, K)`` float array, one 1-D problem per row.
+      weights: ``(R, K)`` non-negative element weights, or ``None`` for all ones.
+        A row whose weights sum to zero is solved with uniform weights.
+      n_clusters: number of centroids per row (at most 256).
+      key: ``jax.random`` key; the result is a deterministic function of it
+        (and does not depend on ``chunk_rows``). Defaults to ``PRNGKey(0)``.
+      init: ``"k-means++"`` (weighted, greedy, as scikit-learn), ``"uniform"``
+        (evenly spaced over the row's range), ``"nf4"`` (NF4-shaped over the
+        range) or ``"random"`` (distinct elements drawn with probability
+        proportional to weight).
+      n_init: number of starts; the one with the lowest objective is kept.
+        Deterministic inits ignore it.
+      max_iter, tol: Lloyd stops after ``max_iter`` iterations or when the
+        squared centroid shift is ``<= tol * var(row)`` (scikit-learn's rule).
+      n_bins: histogram resolution (see module docstring); ``None`` = exact,
+        sort-based points.
+      chunk_rows: rows processed per compiled call; bounds memory.
+
+    Returns:
+      ``(centroids (R, n_clusters) float32, ascending per row,
+         labels (R, K) uint8)``.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D (rows, K); got shape {x.shape}")
+    w = jnp.ones_like(x) if weights is None else jnp.asarray(weights, jnp.float32)
+    if w.shape != x.shape:
+        raise ValueError(f"weights shape {w.shape} must equal x shape {x.shape}")
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; accepted: {', '.join(INITS)}")
+    if not 1 <= n_clusters <= 256:
+        raise ValueError(f"n_clusters must be in [1, 256] (labels are uint8); got {n_clusters}")
+    if n_init < 1 or max_iter < 1:
+        raise ValueError(f"n_init and max_iter must be >= 1; got {n_init}, {max_iter}")
+    if n_bins is not None and n_bins < n_clusters:
+        raise ValueError(f"n_bins must be >= n_clusters ({n_clusters}) or None; got {n_bins}")
+    if init in ("uniform", "nf4"):
+        n_init = 1
+    key = jax.random.PRNGKey(0) if key is None else key
+
+    rows = x.shape[0]
+    row_keys = jax.random.split(key, max(rows, 1))
+    chunk = max(1, min(chunk_rows, rows))
+    solve = functools.partial(
+        _solve_chunk, n_clusters=n_clusters, init=init, n_init=n_init,
+        max_iter=max_iter, tol=tol, n_bins=n_bins)
+    centroids, labels = [], []
+    for start in range(0, rows, chunk):
+        stop = min(start + chunk, rows)
+        pad = chunk - (stop - start)  # the last chunk is padded so shapes stay static
+        xs, ws, ks = (jnp.pad(a[start:stop], [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+                      for a in (x, w, row_keys))
+        c, l = solve(xs, ws, ks)
+        centroids.append(c[: stop - start])
+        labels.append(l[: stop - start])
+    if not centroids:
+        return jnp.zeros((0, n_clusters), jnp.float32), jnp.zeros(x.shape, jnp.uint8)
+    return jnp.concatenate(centroids), jnp.concatenate(labels)
+
+
+def kmeans_objective(x, weights, centroids, labels):
+    """``sum_k w[r, k] * (x[r, k] - centroids[r, labels[r, k]])**2`` per row, in float64 numpy."""
+    x, w, c = (np.asarray(a, np.float64) for a in (x, weights, centroids))
+    fit = np.take_along_axis(c, np.asarray(labels, np.int64), axis=1)
+    return (w * (x - fit) ** 2).sum(axis=1)
+
+
+# ---------------------------------------------------------------------------
+# The per-row solver.  Everything below works on ONE row; `_solve_chunk` vmaps.
+
+@functools.partial(jax.jit, static_argnames=("n_clusters", "init", "n_init", "max_iter", "tol", "n_bins"))
+def _solve_chunk(x, w, keys, *, n_clusters, init, n_init, max_iter, tol, n_bins):
+    row = functools.partial(_solve_row, n_clusters=n_clusters, init=init, n_init=n_init,
+                            max_iter=max_iter, tol=tol, n_bins=n_bins)
+    return jax.vmap(row)(x, w, keys)
+
+
+def _solve_row(x, w, key, *, n_clusters, init, n_init, max_iter, tol, n_bins):
+    w = jnp.where(w.sum() > 0, w, jnp.ones_like(w))  # zero total weight: fall back to uniform
+    points, pw = _summarise(x, w, n_bins)
+    tol_abs = tol * jnp.var(x)
+
+    def one_start(k):
+        c0 = _init_centroids(points, pw, x, k, n_clusters, init)
+        c = _lloyd(points, pw, c0, max_iter, tol_abs)
+        return c, _binned_objective(points, pw, c)
+
+    cs, objs = jax.vmap(one_start)(jax.random.split(key, n_init))
+    c = cs[jnp.argmin(objs)]
+    # One exact Lloyd step on the raw elements (an empty cluster keeps its
+    # centroid), then labels = the nearest centroid of every element.
+    labels = _assign(x, c)
+    wsum = jnp.zeros(n_clusters, jnp.float32).at[labels].add(w)
+    wxsum = jnp.zeros(n_clusters, jnp.float32).at[labels].add(w * x)
+    c = jnp.sort(jnp.where(wsum > 0, wxsum / jnp.where(wsum > 0, wsum, 1.0), c))
+    return c, _assign(x, c).astype(jnp.uint8)
+
+
+def _summarise(x, w, n_bins):
+    """Sorted points and their weights: histogram bins, or the sorted row."""
+    if n_bins is None:
+        order = jnp.argsort(x)
+        return x[order], w[order]
+    lo, hi = x.min(), x.max()
+    width = jnp.maximum(hi - lo, 1e-30) / n_bins
+    idx = jnp.clip(((x - lo) / width).astype(jnp.int32), 0, n_bins - 1)
+    pw = jnp.zeros(n_bins, jnp.float32).at[idx].add(w)
+    pwx = jnp.zeros(n_bins, jnp.float32).at[idx].add(w * (x - lo))
+    centers = (jnp.arange(n_bins, dtype=jnp.float32) + 0.5) * width
+    means = jnp.where(pw > 0, pwx / jnp.where(pw > 0, pw, 1.0), centers)
+    # A mean can drift past a bin edge by a rounding error; keep points sorted.
+    means = jnp.clip(means, jnp.arange(n_bins) * width, (jnp.arange(n_bins) + 1) * width)
+    return lo + means, pw
+
+
+def _midpoints(c):
+    return 0.5 * (c[1:] + c[:-1])
+
+
+def _assign(x, c):
+    """Index of the nearest centroid (c ascending) = number of midpoints below x."""
+    return jnp.sum(x[:, None] > _midpoints(c)[None, :], axis=1)
+
+
+def _lloyd(points, pw, c0, max_iter, tol_abs):
+    """Lloyd on sorted weighted points using prefix sums; centroids stay ascending."""
+    cw = jnp.concatenate([jnp.zeros(1), jnp.cumsum(pw)])
+    cwx = jnp.concatenate([jnp.zeros(1), jnp.cumsum(pw * (points - points[0]))])
+    n = points.shape[0]
+
+    def update(c):
+        edges = jnp.searchsorted(points, _midpoints(c), side="right")
+        bounds = jnp.concatenate([jnp.zeros(1, edges.dtype), edges, jnp.full(1, n, edges.dtype)])
+        wsum = cw[bounds[1:]] - cw[bounds[:-1]]
+        wxsum = cwx[bounds[1:]] - cwx[bounds[:-1]]
+        new = jnp.where(wsum > 0, points[0] + wxsum / jnp.where(wsum > 0, wsum, 1.0), c)
+        return jnp.sort(new)
+
+    def cond(state):
+        i, _, shift = state
+        return (i < max_iter) & (shift > tol_abs)
+
+    def body(state):
+        i, c, _ = state
+        new = update(c)
+        return i + 1, new, jnp.sum((new - c) ** 2)
+
+    _, c, _ = jax.lax.while_loop(cond, body, (0, c0, jnp.inf))
+    return c
+
+
+def _binned_objective(points, pw, c):
+    fit = c[_assign(points, c)]
+    return jnp.sum(pw * (points - fit) ** 2)
+
+
+_NF4 = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
+    0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0], np.float32)
+
+
+def _init_centroids(points, pw, x, key, n_clusters, init):
+    lo, hi = x.min(), x.max()
+    if init == "uniform":
+        return lo + (hi - lo) * jnp.linspace(0.0, 1.0, n_clusters)
+    if init == "nf4":
+        shape = np.interp(np.linspace(0, 15, n_clusters), np.arange(16), _NF4)
+        return lo + (hi - lo) * (jnp.asarray(shape, jnp.float32) + 1) / 2
+    if init == "random":
+        # Distinct points, drawn with probability proportional to weight (Gumbel top-k).
+        g = jax.random.gumbel(key, pw.shape) + jnp.log(jnp.maximum(pw, 1e-30))
+        g = jnp.where(pw > 0, g, -jnp.inf)
+        _, idx = jax.lax.top_k(g, n_clusters)
+        return jnp.sort(points[idx])
+    # Seeding only needs a rough picture of the row: coarsen the points first.
+    factor = max(1, points.shape[0] // max(_SEED_POINTS, n_clusters))
+    if factor > 1:
+        n = points.shape[0] // factor * factor
+        cw = pw[:n].reshape(-1, factor).sum(1)
+        cx = (pw[:n] * points[:n]).reshape(-1, factor).sum(1)
+        points = jnp.where(cw > 0, cx / jnp.where(cw > 0, cw, 1.0), points[:n].reshape(-1, factor)[:, 0])
+        pw = cw
+    return jnp.sort(_kmeans_plus_plus(points, pw, key, n_clusters))
+
+
+def _kmeans_plus_plus(points, pw, key, n_clusters):
+    """Greedy weighted k-means++ (scikit-learn's variant): 2 + log(k) candidates a step,
+    each drawn by inverse-CDF sampling (far cheaper than `random.categorical`)."""
+    trials = 2 + int(math.log(n_clusters))
+    k0, key = jax.random.split(key)
+
+    def sample(k, prob, n):
+        cdf = jnp.cumsum(prob)
+        u = jax.random.uniform(k, (n,)) * cdf[-1]
+        return jnp.clip(jnp.searchsorted(cdf, u, side="right"), 0, points.shape[0] - 1)
+
+    first = points[sample(k0, pw, 1)[0]]
+    d2 = (points - first) ** 2
+    centers = jnp.full(n_clusters, first)
+
+    def step(j, state):
+        centers, d2 = state
+        cand = points[sample(jax.random.fold_in(key, j), pw * d2, trials)]
+        new_d2 = jnp.minimum(d2[None, :], (points[None, :] - cand[:, None]) ** 2)
+        best = jnp.argmin(jnp.sum(pw[None, :] * new_d2, axis=1))
+        return centers.at[j].set(cand[best]), new_d2[best]
+
+    centers, _ = jax.lax.fori_loop(1, n_clusters, step, (centers, d2))
+    return centers

@@ -1,0 +1,84 @@
+"""LUT learning speed and quality: this project's k-means vs the original's approach.
+
+    python benchmarks/kmeans_bench.py [--rows 4096] [--cols 4096] [--sklearn-rows 256]
+
+Data: a heavy-tailed (Student-t) weight matrix, group-scaled as SPEC §2
+(G = 128), element weights = |activation statistic| x group scale.
+Baseline: scikit-learn KMeans(16, init="k-means++", n_init=1) per row with
+sample weights, rows spread over all cores with joblib (what the original
+does). It runs on the first --sklearn-rows rows and is extrapolated to the
+whole matrix; objective ratios are taken on those rows.
+"""
+
+import argparse
+import os
+import platform
+import time
+
+import jax
+import numpy as np
+from joblib import Parallel, delayed
+from sklearn.cluster import KMeans
+
+from any4_jax.kmeans import kmeans_objective, weighted_kmeans_1d
+
+
+def make_data(rows, cols, group_size, seed=0):
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_t(4, size=(rows, cols)) * 0.02).astype(np.float32)
+    act = (np.abs(rng.standard_t(3, size=cols)) + 0.01).astype(np.float32)
+    g = w.reshape(rows, cols // group_size, group_size)
+    mn = g.min(-1, keepdims=True)
+    s = np.maximum(g.max(-1, keepdims=True) - mn, np.float32(1e-6)) / np.float32(15)
+    u = ((g - mn) / s).reshape(rows, cols).astype(np.float32)
+    omega = (act[None, :] * np.repeat(s[..., 0], group_size, axis=1)).astype(np.float32)
+    return u, omega
+
+
+def sklearn_row(u, omega, seed):
+    km = KMeans(16, init="k-means++", n_init=1, random_state=seed).fit(u[:, None], sample_weight=omega)
+    return km.cluster_centers_[:, 0], km.labels_
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", type=int, default=4096)
+    p.add_argument("--cols", type=int, default=4096)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--sklearn-rows", type=int, default=256, help="rows run by the baseline, then extrapolated")
+    p.add_argument("--n-init", type=int, nargs="+", default=[1, 3], help="k-means++ starts to benchmark")
+    args = p.parse_args()
+
+    u, omega = make_data(args.rows, args.cols, args.group_size)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"jax {jax.__version__} on {jax.devices()[0].platform}")
+    print(f"matrix {args.rows}x{args.cols}, 16 centroids a row, G = {args.group_size}")
+
+    n = min(args.sklearn_rows, args.rows)
+    start = time.perf_counter()
+    results = Parallel(n_jobs=-1)(delayed(sklearn_row)(u[r], omega[r], r) for r in range(n))
+    sk_seconds = (time.perf_counter() - start) * args.rows / n
+    sk_c = np.stack([c for c, _ in results])
+    sk_l = np.stack([l for _, l in results])
+    sk_obj = kmeans_objective(u[:n], omega[:n], sk_c, sk_l)
+
+    rows = [("scikit-learn + joblib (extrapolated)", sk_seconds, float("nan"), 1.0)]
+    for n_init in args.n_init:
+        run = lambda: weighted_kmeans_1d(u, omega, 16, key=jax.random.PRNGKey(0), n_init=n_init)
+        start = time.perf_counter()
+        jax.block_until_ready(run())
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        c, labels = jax.block_until_ready(run())
+        steady = time.perf_counter() - start
+        obj = kmeans_objective(u[:n], omega[:n], np.asarray(c)[:n], np.asarray(labels)[:n])
+        rows.append((f"any4-jax n_init={n_init}", steady, first - steady, float(np.median(obj / sk_obj))))
+
+    print(f"\n| {'method':<38} | {'seconds':>8} | {'compile s':>9} | {'speedup':>7} | {'median obj ratio':>16} |")
+    print(f"|{'-' * 40}|{'-' * 10}|{'-' * 11}|{'-' * 9}|{'-' * 18}|")
+    for name, secs, comp, ratio in rows:
+        print(f"| {name:<38} | {secs:>8.2f} | {comp:>9.2f} | {sk_seconds / secs:>6.1f}x | {ratio:>16.4f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+import numpy as np
+import pytest
+
+
+def realistic_weight(rng, n, k):
+    """Heavy-tailed (Student-t, 4 dof) weights at an LLM-like scale, plus a
+    heavy-tailed per-input-channel activation statistic."""
+    w = (rng.standard_t(4, size=(n, k)) * 0.02).astype(np.float32)
+    act = (np.abs(rng.standard_t(3, size=k)) + 0.01).astype(np.float32)
+    return w, act
+
+
+def group_scaled(w, group_size, levels=15):
+    """SPEC §2 step 1 in numpy: u in [0, levels] and the per-element group scale."""
+    n, k = w.shape
+    g = w.reshape(n, k // group_size, group_size)
+    mn = g.min(-1, keepdims=True)
+    s = np.maximum(g.max(-1, keepdims=True) - mn, np.float32(1e-6)) / np.float32(levels)
+    u = ((g - mn) / s).reshape(n, k)
+    return u.astype(np.float32), np.repeat(s[..., 0], group_size, axis=1).astype(np.float32)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
