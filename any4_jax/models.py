@@ -1,0 +1,291 @@
+"""Flax (Linen) decoder-only models of the Llama family, built from an HF config.
+
+Llama 2/3/3.1/3.2 (with ``llama3`` rope scaling), Mistral (sliding window),
+Qwen2 (q/k/v biases), Mixtral (top-k mixture of experts) and SmolLM2 (a Llama).
+
+Parameter names follow Hugging Face's (``layers_3/self_attn/q_proj/kernel`` is
+``model.layers.3.self_attn.q_proj.weight`` transposed), so converting is a loop.
+Every linear layer is made by ``Transformer.dense`` (default ``nn.Dense``):
+``model.clone(dense=QuantDense)`` swaps all of them without editing this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: tuple | None  # llama3 scaling as sorted (key, value) pairs, hashable
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool  # q/k/v biases
+    sliding_window: int | None
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 0
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "ModelConfig":
+        """From a parsed HF ``config.json`` (transformers 4 or 5 spelling)."""
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"unsupported model_type {model_type!r}; supported: "
+                             f"{', '.join(SUPPORTED_MODEL_TYPES)} (SmolLM2 is 'llama')")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r}; supported: silu")
+        rope = dict(cfg.get("rope_parameters") or {})
+        rope.update(cfg.get("rope_scaling") or {})
+        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"unsupported rope type {rope_type!r}; supported: default, llama3")
+        scaling = None
+        if rope_type == "llama3":
+            keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            scaling = tuple((k, float(rope[k])) for k in keys)
+        heads = cfg["num_attention_heads"]
+        window = cfg.get("sliding_window")
+        if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
+            window = None
+        return cls(
+            model_type=model_type,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+            sliding_window=window,
+            num_local_experts=cfg.get("num_local_experts", 0) if model_type == "mixtral" else 0,
+            num_experts_per_tok=cfg.get("num_experts_per_tok", 0) if model_type == "mixtral" else 0,
+        )
+
+
+def rope_frequencies(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies ``(head_dim // 2,)``, with llama3 scaling if configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    if config.rope_scaling is None:
+        return inv_freq.astype(np.float32)
+    p = dict(config.rope_scaling)
+    factor, low, high, old_ctx = (p["factor"], p["low_freq_factor"], p["high_freq_factor"],
+                                  p["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x, positions, inv_freq):
+    """x: ``(B, T, H, D)``; positions: ``(B, T)``. HF's rotate-half convention."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # (B, T, D/2)
+    cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+    sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], -1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (weight.astype(jnp.float32) * x32).astype(self.dtype)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    dense: Callable
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x, positions, mask, cache=None):
+        """x ``(B, T, H)``; mask ``(B, 1, T, S)`` bool; cache: optional
+        ``(k, v, index)`` with k/v ``(B, S, Hkv, D)`` to write this step into."""
+        c = self.config
+        b, t, _ = x.shape
+        dense = lambda n, name, bias: self.dense(n, use_bias=bias, dtype=self.dtype, name=name)
+        q = dense(c.num_attention_heads * c.head_dim, "q_proj", c.attention_bias)(x)
+        k = dense(c.num_key_value_heads * c.head_dim, "k_proj", c.attention_bias)(x)
+        v = dense(c.num_key_value_heads * c.head_dim, "v_proj", c.attention_bias)(x)
+        q = q.reshape(b, t, c.num_attention_heads, c.head_dim)
+        k = k.reshape(b, t, c.num_key_value_heads, c.head_dim)
+        v = v.reshape(b, t, c.num_key_value_heads, c.head_dim)
+        inv_freq = jnp.asarray(rope_frequencies(c))
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        new_cache = None
+        if cache is not None:
+            ck, cv, index = cache
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+            new_cache = (ck, cv)
+            k, v = ck, cv
+        groups = c.num_attention_heads // c.num_key_value_heads
+        q = q.reshape(b, t, c.num_key_value_heads, groups, c.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q.astype(jnp.float32), k.astype(jnp.float32))
+        scores = scores / math.sqrt(c.head_dim)
+        scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32)).astype(self.dtype)
+        out = out.reshape(b, t, c.num_attention_heads * c.head_dim)
+        return dense(c.hidden_size, "o_proj", False)(out), new_cache
+
+
+class MLP(nn.Module):
+    hidden: int
+    intermediate: int
+    dense: Callable
+    dtype: Any
+    names: tuple = ("gate_proj", "up_proj", "down_proj")
+
+    @nn.compact
+    def __call__(self, x):
+        gate, up, down = (self.dense(n, use_bias=False, dtype=self.dtype, name=name)
+                          for n, name in zip((self.intermediate, self.intermediate, self.hidden), self.names))
+        return down(nn.silu(gate(x)) * up(x))
+
+
+class SparseMoe(nn.Module):
+    """Mixtral's block: softmax router in float32, top-k, renormalised weights.
+    Every expert runs on every token (simple and jit-friendly; wasteful at scale)."""
+    config: ModelConfig
+    dense: Callable
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        logits = self.dense(c.num_local_experts, use_bias=False, dtype=self.dtype, name="gate")(x)
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        top, idx = jax.lax.top_k(probs, c.num_experts_per_tok)
+        top = top / top.sum(-1, keepdims=True)
+        weights = jnp.sum(jax.nn.one_hot(idx, c.num_local_experts) * top[..., None], axis=-2)
+        out = jnp.zeros(x.shape, jnp.float32)
+        for e in range(c.num_local_experts):
+            expert = MLP(c.hidden_size, c.intermediate_size, self.dense, self.dtype,
+                         names=("w1", "w3", "w2"), name=f"experts_{e}")
+            out = out + weights[..., e:e + 1] * expert(x).astype(jnp.float32)
+        return out.astype(self.dtype)
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+    dense: Callable
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x, positions, mask, cache=None):
+        c = self.config
+        h, new_cache = Attention(c, self.dense, self.dtype, name="self_attn")(
+            RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x), positions, mask, cache)
+        x = x + h
+        y = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
+        if c.num_local_experts:
+            y = SparseMoe(c, self.dense, self.dtype, name="block_sparse_moe")(y)
+        else:
+            y = MLP(c.hidden_size, c.intermediate_size, self.dense, self.dtype, name="mlp")(y)
+        return x + y, new_cache
+
+
+class Transformer(nn.Module):
+    """``apply({"params": p}, input_ids (B, T))`` -> logits ``(B, T, vocab)`` float32.
+
+    ``attention_mask`` ``(B, T)`` (1 = real token, 0 = padding) and
+    ``positions`` ``(B, T)`` are optional. With ``cache`` (see
+    ``init_cache``) it also returns the updated cache: the KV-cache path of
+    generation.
+    """
+    config: ModelConfig
+    dtype: Any = jnp.float32
+    dense: Callable = nn.Dense
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
+        c = self.config
+        b, t = input_ids.shape
+        embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, name="embed_tokens")
+        x = embed(input_ids)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        if cache is None:
+            key_pos, key_valid, q_offset = jnp.broadcast_to(jnp.arange(t), (b, t)), attention_mask, 0
+        else:  # keys are the whole cache; the new tokens sit at cache["index"]
+            s = cache["valid"].shape[1]
+            valid = jax.lax.dynamic_update_slice(
+                cache["valid"], (jnp.ones((b, t), bool) if attention_mask is None
+                                 else attention_mask.astype(bool)), (0, cache["index"]))
+            key_pos, key_valid, q_offset = jnp.broadcast_to(jnp.arange(s), (b, s)), valid, cache["index"]
+        q_pos = q_offset + jnp.arange(t)
+        mask = q_pos[:, None] >= key_pos[:, None, :]  # causal, (B, T, S)
+        if c.sliding_window is not None:
+            mask &= q_pos[:, None] - key_pos[:, None, :] < c.sliding_window
+        if key_valid is not None:
+            mask &= key_valid.astype(bool)[:, None, :]
+        mask = mask[:, None]  # (B, 1, T, S)
+
+        new_layers = []
+        for i in range(c.num_hidden_layers):
+            layer_cache = None
+            if cache is not None:
+                layer_cache = (cache["k"][i], cache["v"][i], cache["index"])
+            x, kv = DecoderLayer(c, self.dense, self.dtype, name=f"layers_{i}")(x, positions, mask, layer_cache)
+            new_layers.append(kv)
+        x = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(x)
+        if c.tie_word_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = self.dense(c.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head")(x)
+        logits = logits.astype(jnp.float32)
+        if cache is None:
+            return logits
+        new_cache = {"k": jnp.stack([kv[0] for kv in new_layers]),
+                     "v": jnp.stack([kv[1] for kv in new_layers]),
+                     "valid": valid, "index": cache["index"] + t}
+        return logits, new_cache
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32):
+    """An empty KV cache for ``Transformer(..., cache=...)``."""
+    shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "valid": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32)}
+
+
+def param_shapes(model: Transformer) -> dict:
+    """The params pytree of ``model`` as ``jax.ShapeDtypeStruct`` leaves (no memory)."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids))["params"]

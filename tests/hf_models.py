@@ -1,0 +1,53 @@
+"""Tiny random Hugging Face models (transformers + torch) for the tests."""
+
+import torch
+import transformers
+
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              rms_norm_eps=1e-5)
+
+ARCHS = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(rope_theta=10000.0)),
+    "llama3": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
+        rope_theta=500000.0, tie_word_embeddings=True,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=64))),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=8)),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,
+                dict(num_local_experts=4, num_experts_per_tok=2)),
+}
+
+
+def make_hf_model(arch, seed=0):
+    config_cls, model_cls, extra = ARCHS[arch]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**COMMON, **extra)).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so a mix-up shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    return model
+
+
+def save(model, out_dir, kind):
+    """kind: 'safetensors', 'sharded' or 'bin'."""
+    if kind == "safetensors":
+        model.save_pretrained(out_dir)
+    elif kind == "sharded":
+        model.save_pretrained(out_dir, max_shard_size="20KB")
+    else:  # transformers 5 writes only safetensors: re-save its tensors as a torch pickle
+        from safetensors.torch import load_file
+        model.save_pretrained(out_dir)
+        state = load_file(out_dir / "model.safetensors")
+        torch.save(state, out_dir / "pytorch_model.bin")
+        (out_dir / "model.safetensors").unlink()
+    return out_dir
+
+
+def torch_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.as_tensor(ids)).logits.float().numpy()

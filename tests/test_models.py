@@ -1,0 +1,132 @@
+"""Flax models and the HF -> Flax converter, against transformers' PyTorch forward."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from any4_jax import load_model
+from converters import hf2flax
+from hf_models import ARCHS, make_hf_model, save, torch_logits
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return np.random.default_rng(0).integers(0, 128, size=(2, 24))
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("kind", ["safetensors", "sharded", "bin"])
+def test_logits_match_pytorch(tmp_path, arch, kind, ids):
+    hf = make_hf_model(arch)
+    src = save(hf, tmp_path / "hf", kind)
+    if kind == "sharded":
+        assert (src / "model.safetensors.index.json").exists()
+    if kind == "bin":
+        assert (src / "pytorch_model.bin").exists() and not (src / "model.safetensors").exists()
+    hf2flax.convert(src, tmp_path / "flax", progress=False)
+    model, params, _ = load_model(tmp_path / "flax")
+    ours = np.asarray(model.apply({"params": params}, jnp.asarray(ids)))
+    np.testing.assert_allclose(ours, torch_logits(hf, ids), atol=1e-4, rtol=0)
+
+
+def test_padding_mask_matches_pytorch(tmp_path, ids):
+    import torch
+    hf = make_hf_model("llama")
+    hf2flax.convert(save(hf, tmp_path / "hf", "safetensors"), tmp_path / "flax", progress=False)
+    model, params, _ = load_model(tmp_path / "flax")
+    mask = np.ones_like(ids)
+    mask[1, :5] = 0  # left padding
+    positions = np.clip(np.cumsum(mask, 1) - 1, 0, None)
+    ours = np.asarray(model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(positions)))
+    with torch.no_grad():
+        ref = hf(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+                 position_ids=torch.as_tensor(positions)).logits.numpy()
+    np.testing.assert_allclose(ours[mask == 1], ref[mask == 1], atol=1e-4, rtol=0)
+
+
+def test_bfloat16_checkpoint(tmp_path, ids):
+    hf = make_hf_model("llama")
+    hf2flax.convert(save(hf, tmp_path / "hf", "safetensors"), tmp_path / "flax", dtype="bfloat16", progress=False)
+    model, params, _ = load_model(tmp_path / "flax")
+    assert params["layers_0"]["self_attn"]["q_proj"]["kernel"].dtype == jnp.bfloat16
+    manifest = json.loads((tmp_path / "flax" / "manifest.json").read_text())
+    assert manifest["dtype"] == "bfloat16"
+    assert manifest["parameters"] == sum(p.numel() for p in hf.parameters())
+    ours = np.asarray(model.apply({"params": params}, jnp.asarray(ids)))
+    ref = torch_logits(hf, ids)
+    # bf16 weights and activations: 8 mantissa bits, errors compound over 2 layers.
+    assert np.abs(ours - ref).max() < 0.05 * np.abs(ref).max()
+
+
+# ---- bad input: each gives a clear error and leaves no output behind ----
+
+def _no_output(tmp_path):
+    return not any(p.name.startswith((".flax", "flax")) for p in tmp_path.iterdir())
+
+
+def test_missing_config(tmp_path):
+    (tmp_path / "hf").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        hf2flax.convert(tmp_path / "hf", tmp_path / "flax", progress=False)
+    assert _no_output(tmp_path)
+
+
+def test_unknown_model_type(tmp_path):
+    src = save(make_hf_model("llama"), tmp_path / "hf", "safetensors")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["model_type"] = "gpt_neox"
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt_neox'; supported: llama, mistral, qwen2, mixtral"):
+        hf2flax.convert(src, tmp_path / "flax", progress=False)
+    assert _no_output(tmp_path)
+
+
+def test_missing_tensor(tmp_path):
+    from safetensors.numpy import load_file, save_file
+    src = save(make_hf_model("llama"), tmp_path / "hf", "safetensors")
+    tensors = load_file(src / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(KeyError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        hf2flax.convert(src, tmp_path / "flax", progress=False)
+    assert _no_output(tmp_path)
+
+
+def test_shape_mismatch(tmp_path):
+    src = save(make_hf_model("llama"), tmp_path / "hf", "safetensors")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["intermediate_size"] = 80
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.down_proj\.weight has shape \(64, 96\); the config asks for \(64, 80\)"):
+        hf2flax.convert(src, tmp_path / "flax", progress=False)
+    assert _no_output(tmp_path)
+
+
+def test_truncated_safetensors(tmp_path):
+    src = save(make_hf_model("llama"), tmp_path / "hf", "safetensors")
+    f = src / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        hf2flax.convert(src, tmp_path / "flax", progress=False)
+    assert _no_output(tmp_path)
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    src = save(make_hf_model("llama"), tmp_path / "hf", "safetensors")
+    out = tmp_path / "flax"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    assert hf2flax.main(["--model", str(src), "--out", str(out)]) == 2
+    assert (out / "keep.txt").read_text() == "user data"
+    assert hf2flax.main(["--model", str(src), "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_load_model_rejects_a_non_model_dir(tmp_path):
+    from any4_jax.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match="manifest.json is missing"):
+        load_model(tmp_path)
