@@ -85,23 +85,61 @@ def read_manifest(model_dir) -> dict:
     return manifest
 
 
-def load_model(model_dir, *, dtype=None, tokenizer: bool = True):
-    """``(model, params, tokenizer)`` from a directory written by the converter.
+def save_model(out_dir, model, params, tokenizer=None, *, overwrite: bool = False, source=None) -> dict:
+    """Write a float or quantized ``Transformer`` and its params to ``out_dir``
+    (atomically). Quantized params keep their dtypes (uint8 codes, LUTs,
+    scales); the manifest records how they were made. Returns the manifest."""
+    import dataclasses
 
-    ``dtype`` is the compute dtype (default: the dtype the checkpoint was
-    saved in). The tokenizer is ``None`` when the directory has none or
-    ``tokenizer=False``.
+    from any4_jax.layers import QuantDenseFactory
+    from any4_jax.quantize import bits_per_weight
+
+    manifest = {"dtype": np.dtype(model.dtype).name, "model_type": model.config.model_type,
+                "source": None if source is None else str(source)}
+    if isinstance(model.dense, QuantDenseFactory):
+        manifest["quantized"] = True
+        manifest["quantization"] = {**dataclasses.asdict(model.dense), "bits_per_weight": bits_per_weight(params)}
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        write_model_dir(tmp, params, model.config.to_hf(), tokenizer, manifest)
+    return json.loads((Path(out_dir) / "manifest.json").read_text())
+
+
+def load_model(model_dir, *, dtype=None, tokenizer: bool = True, require: str | None = None):
+    """``(model, params, tokenizer)`` from a directory written by the converter
+    or ``save_model``. Quantized checkpoints load as they were saved (never
+    re-quantized).
+
+    ``dtype`` is the compute dtype (default: the dtype the checkpoint was saved
+    in). ``require="float"`` or ``"quantized"`` refuses the other kind. The
+    tokenizer is ``None`` when the directory has none or ``tokenizer=False``.
     """
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
 
-    from any4_jax.models import ModelConfig, Transformer
+    from any4_jax.layers import QuantDenseFactory
+    from any4_jax.models import ModelConfig, Transformer, param_shapes
 
     d = Path(model_dir)
     manifest = read_manifest(d)
+    quant = manifest.get("quantization")
+    if require not in (None, "float", "quantized"):
+        raise ValueError(f"require must be None, 'float' or 'quantized'; got {require!r}")
+    if require == "quantized" and not quant:
+        raise CheckpointError(f"{d} holds a float model; a quantized one is required here "
+                              f"(make one with `any4 quantize --model {d} --out DIR`)")
+    if require == "float" and quant:
+        raise CheckpointError(f"{d} holds a model already quantized to {quant['fmt']}; a float model is "
+                              f"required here (quantize the original float checkpoint instead)")
     config = ModelConfig.from_hf(json.loads((d / "config.json").read_text()))
-    params = ocp.StandardCheckpointer().restore((d / "params").absolute())
     model = Transformer(config, dtype=jnp.dtype(dtype or manifest.get("dtype", "float32")))
+    checkpointer = ocp.StandardCheckpointer()
+    if quant:
+        fields = {k: v for k, v in quant.items() if k != "bits_per_weight"}
+        fields["skip"] = tuple(fields["skip"])
+        model = model.clone(dense=QuantDenseFactory(**fields))
+        params = checkpointer.restore((d / "params").absolute(), param_shapes(model))
+    else:
+        params = checkpointer.restore((d / "params").absolute())
     tok = None
     if tokenizer and (d / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer

@@ -87,6 +87,16 @@ class ModelConfig:
         )
 
 
+    def to_hf(self) -> dict:
+        """An HF-style config dict that ``from_hf`` reads back to this config."""
+        d = dataclasses.asdict(self)
+        scaling = d.pop("rope_scaling")
+        d["rope_scaling"] = None if scaling is None else {"rope_type": "llama3", **dict(scaling)}
+        d["use_sliding_window"] = self.sliding_window is not None
+        d["hidden_act"] = "silu"
+        return d
+
+
 def rope_frequencies(config: ModelConfig) -> np.ndarray:
     """Inverse frequencies ``(head_dim // 2,)``, with llama3 scaling if configured."""
     dim = config.head_dim

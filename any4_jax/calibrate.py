@@ -1,0 +1,95 @@
+"""Per-input-channel activation statistics of every Dense layer, from one prompt.
+
+The paper's finding (SPEC §3): one short, hand-written, diverse prompt
+calibrates as well as 128 samples of 2048 tokens. ``DEFAULT_PROMPT`` is this
+project's own. Statistics are captured with ``flax.linen.intercept_methods``
+around ``nn.Dense`` calls, so no model code changes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+
+STATISTICS = ("abs_mean", "mean_abs", "rms")
+
+DEFAULT_PROMPT = """\
+The lighthouse keeper had not spoken to anyone in eleven days when the boat finally came. \
+She watched it round the headland, its red sail patched twice, and put the kettle on.
+
+GENEVA (Reuters) - Trade ministers from forty countries agreed on Tuesday to cut tariffs on \
+medical supplies by half over the next three years, officials said, ending months of talks.
+
+def merge_sorted(a, b):
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        if a[i] <= b[j]:
+            out.append(a[i]); i += 1
+        else:
+            out.append(b[j]); j += 1
+    return out + a[i:] + b[j:]
+
+Q: A train leaves at 9:40 and the trip takes 2 hours 35 minutes. When does it arrive?
+A: 9:40 + 2:35 = 12:15. It arrives at 12:15. Also, 17 * 23 = 391 and 1024 / 16 = 64.
+
+Water boils at 100 degrees Celsius at sea level. The Amazon is the largest rainforest on Earth, \
+and Mount Everest rises 8,849 metres above sea level. Marie Curie won Nobel Prizes in physics and chemistry.
+
+<table><tr><td>Name</td><td>Year</td></tr><tr><td>Ada Lovelace</td><td>1843</td></tr></table>
+Dear team, please find the minutes of Monday's meeting attached; the budget review moves to Friday.
+"""
+
+
+def dense_input_statistics(model, params, inputs, statistic: str = "abs_mean"):
+    """``{module path: (K,) float64 statistic of its input}`` for every ``nn.Dense``
+    (and subclass) called while running ``model.apply({"params": params}, x)``.
+
+    ``inputs`` is one input or a list of inputs (token ids: ``(B, T)`` arrays);
+    statistics are pooled over all tokens of all of them. ``abs_mean`` =
+    ``|mean_t x|`` (the paper's), ``mean_abs`` = ``mean_t |x|``, ``rms`` =
+    ``sqrt(mean_t x**2)``. The dict is in call order.
+    """
+    if statistic not in STATISTICS:
+        raise ValueError(f"unknown statistic {statistic!r}; accepted: {', '.join(STATISTICS)}")
+    totals: dict = {}
+    for x in inputs if isinstance(inputs, list) else [inputs]:
+        run, order = _capture_fn(model)
+        stats = run(params, jnp.asarray(x))
+        for path, values in zip(order, stats):
+            values = [np.asarray(v, np.float64) for v in values]
+            totals[path] = [a + b for a, b in zip(totals[path], values)] if path in totals else values
+    out = {}
+    for path, (n, s, sa, sq) in totals.items():
+        out[path] = {"abs_mean": np.abs(s / n), "mean_abs": sa / n, "rms": np.sqrt(sq / n)}[statistic]
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _capture_fn(model):
+    """A jitted forward that returns every Dense input's sums, and the list of
+    their module paths in call order (filled in when it is traced)."""
+    order = []
+
+    @jax.jit
+    def run(params, x):
+        records = {}
+
+        def interceptor(next_fun, args, kwargs, context):
+            if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
+                a = args[0].astype(jnp.float32)
+                a = a.reshape(-1, a.shape[-1])
+                path = "/".join(context.module.path)
+                if path not in records:  # a layer called twice keeps its first call's stats
+                    records[path] = (jnp.float32(a.shape[0]), a.sum(0), jnp.abs(a).sum(0), (a * a).sum(0))
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(interceptor):
+            model.apply({"params": params}, x)
+        order[:] = list(records)
+        return list(records.values())
+
+    return run, order

@@ -1,0 +1,83 @@
+"""Quantized Dense layers. Every quantized matmul goes through ``qmatmul``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from any4_jax.formats import QuantizedWeight, dequantize
+
+
+def qmatmul(x, qw: QuantizedWeight):
+    """``x @ W^T`` for ``x (..., K)`` and ``W (N, K)`` given by ``qw``; returns ``x.dtype``.
+
+    XLA path: dequantize (in float32) to ``x.dtype`` and ``dot`` with float32
+    accumulation. (The GPU kernel will be routed from here.)
+    """
+    k = qw.shape[1]
+    if x.shape[-1] != k:
+        raise ValueError(f"input has {x.shape[-1]} features; the quantized weight {qw.shape} expects K = {k}")
+    w = dequantize(qw, x.dtype)
+    y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+    return y.astype(x.dtype)
+
+
+def abstract_quantized_weight(n: int, k: int, fmt: str, group_size: int | None, dtype) -> QuantizedWeight:
+    """A zero ``QuantizedWeight`` of the shapes ``quantize_tensor`` produces (for init/restore)."""
+    bits = int(fmt[-1])
+    g = k if group_size is None else group_size
+    n_groups = -(-k // g)
+    return QuantizedWeight(jnp.zeros((n, -(-k // 2)), jnp.uint8), jnp.zeros((n, 2 ** bits), dtype),
+                           jnp.zeros((n, n_groups), dtype), jnp.zeros((n, n_groups), dtype),
+                           (n, k), bits, g, fmt)
+
+
+class QuantDense(nn.Module):
+    """Drop-in for ``nn.Dense`` (same ``features``, ``use_bias``, ``dtype``) whose
+    ``kernel`` parameter is a ``QuantizedWeight`` (``(features, K)``, PyTorch layout)."""
+
+    features: int
+    use_bias: bool = True
+    dtype: Any = None
+    fmt: str = "any4"
+    group_size: int | None = 128
+    storage_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        k = x.shape[-1]
+        qw = self.param("kernel", lambda _: abstract_quantized_weight(
+            self.features, k, self.fmt, self.group_size, self.storage_dtype))
+        dtype = self.dtype or x.dtype
+        y = qmatmul(x.astype(dtype), qw)
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+            y = y + bias.astype(dtype)
+        return y
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantDenseFactory:
+    """The ``dense`` of a quantized ``Transformer``: ``QuantDense`` everywhere but
+    the layers whose name is in ``skip``, which stay ``nn.Dense``."""
+
+    fmt: str
+    group_size: int | None
+    skip: tuple = ("lm_head",)
+    storage_dtype: str = "float32"
+    # How the weights were made (recorded in checkpoints; no effect on compute):
+    calibration: str | None = None
+    statistic: str = "abs_mean"
+    scale_sample_weight: bool = True
+    sequential: bool = False
+
+    def __call__(self, features, *, use_bias=True, dtype=None, name=None):
+        if name in self.skip:
+            return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name)
+        return QuantDense(features, use_bias, dtype, self.fmt, self.group_size,
+                          jnp.dtype(self.storage_dtype), name=name)
