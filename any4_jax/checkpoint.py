@@ -85,10 +85,12 @@ def read_manifest(model_dir) -> dict:
     return manifest
 
 
-def save_model(out_dir, model, params, tokenizer=None, *, overwrite: bool = False, source=None) -> dict:
+def save_model(out_dir, model, params, tokenizer=None, *, overwrite: bool = False, source=None,
+               hf_config: dict | None = None) -> dict:
     """Write a float or quantized ``Transformer`` and its params to ``out_dir``
     (atomically). Quantized params keep their dtypes (uint8 codes, LUTs,
-    scales); the manifest records how they were made. Returns the manifest."""
+    scales); the manifest records how they were made. ``hf_config`` (default:
+    ``model.config.to_hf()``) is written as ``config.json``. Returns the manifest."""
     import dataclasses
 
     from any4_jax.layers import QuantDenseFactory
@@ -100,7 +102,7 @@ def save_model(out_dir, model, params, tokenizer=None, *, overwrite: bool = Fals
         manifest["quantized"] = True
         manifest["quantization"] = {**dataclasses.asdict(model.dense), "bits_per_weight": bits_per_weight(params)}
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        write_model_dir(tmp, params, model.config.to_hf(), tokenizer, manifest)
+        write_model_dir(tmp, params, hf_config or model.config.to_hf(), tokenizer, manifest)
     return json.loads((Path(out_dir) / "manifest.json").read_text())
 
 

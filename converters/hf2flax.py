@@ -1,6 +1,7 @@
 """Hugging Face PyTorch checkpoint -> any4-jax Flax model directory.
 
     python -m converters.hf2flax --model HF_DIR --out OUT_DIR [--dtype bfloat16|float32] [--overwrite]
+        [--quantize any4 --group-size 128 --calibration default|FILE|none]
 
 Reads ``config.json`` and the weights (``model.safetensors``, sharded
 safetensors with ``model.safetensors.index.json``, or ``pytorch_model.bin``,
@@ -23,8 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from any4_jax.checkpoint import atomic_directory, count_params, write_model_dir
+from any4_jax.checkpoint import save_model
+from any4_jax.formats import FORMATS
 from any4_jax.models import ModelConfig, Transformer, param_shapes
+from any4_jax.quantize import quantize_model
 
 DTYPES = ("float32", "bfloat16")
 
@@ -116,17 +119,26 @@ def load_hf_params(model_dir, dtype: str = "float32", progress: bool = True):
     return hf_config, config, params
 
 
-def convert(model_dir, out_dir, *, dtype: str = "float32", overwrite: bool = False, progress: bool = True):
-    """Convert and write ``out_dir`` atomically; returns the manifest."""
+def convert(model_dir, out_dir, *, dtype: str = "float32", overwrite: bool = False, progress: bool = True,
+            quantize: str | None = None, group_size: int | None = 128, calibration="default",
+            **quantize_options) -> dict:
+    """Convert (and, with ``quantize=FMT``, quantize) ``model_dir`` into
+    ``out_dir``, written atomically. ``calibration``: ``"default"``, a prompt
+    string, or ``None``; ``quantize_options`` go to ``quantize_model``.
+    Returns the manifest (plus ``seconds``)."""
     model_dir = Path(model_dir)
+    if Path(out_dir).exists() and not overwrite:  # fail before the long work, not after it
+        raise FileExistsError(f"output directory {out_dir} already exists; pass --overwrite to replace it")
     start = time.perf_counter()
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        hf_config, _, params = load_hf_params(model_dir, dtype, progress)
-        tokenizer = _load_tokenizer(model_dir)
-        manifest = {"source": str(model_dir.absolute()), "dtype": dtype,
-                    "model_type": hf_config["model_type"], "parameters": count_params(params),
-                    "converted_by": "converters.hf2flax"}
-        write_model_dir(tmp, params, hf_config, tokenizer, manifest)
+    hf_config, config, params = load_hf_params(model_dir, dtype, progress)
+    tokenizer = _load_tokenizer(model_dir)
+    model = Transformer(config, dtype=jnp.dtype(dtype))
+    if quantize:
+        model, params = quantize_model(model, params, fmt=quantize, group_size=group_size,
+                                       calibration=calibration, tokenizer=tokenizer, progress=progress,
+                                       **quantize_options)
+    manifest = save_model(out_dir, model, params, tokenizer, overwrite=overwrite,
+                          source=model_dir.absolute(), hf_config=hf_config)
     manifest["seconds"] = round(time.perf_counter() - start, 2)
     return manifest
 
@@ -154,19 +166,54 @@ def _set(tree, path, value):
     tree[path[-1]] = value
 
 
+def add_quantize_arguments(p: argparse.ArgumentParser, required: bool = False):
+    """The quantization flags shared by this converter and `any4 quantize`."""
+    p.add_argument("--quantize" if not required else "--format", dest="quantize", required=required,
+                   choices=FORMATS, help="quantize every linear layer but lm_head to this format")
+    p.add_argument("--group-size", default="128", help="32, 64, 128, 256, 512, 1024 or 'none' (one group a row)")
+    p.add_argument("--calibration", default="default",
+                   help="'default' (the built-in one-prompt calibration), a text FILE, or 'none'")
+    p.add_argument("--statistic", default="abs_mean", choices=("abs_mean", "mean_abs", "rms"),
+                   help="per-input-channel activation statistic (default abs_mean, the paper's)")
+    p.add_argument("--sequential", action="store_true",
+                   help="re-calibrate before each layer on the partially quantized model (slower)")
+    p.add_argument("--seed", type=int, default=0, help="k-means seed")
+
+
+def quantize_kwargs(args) -> dict:
+    """``convert``/``quantize_model`` keyword arguments from parsed flags."""
+    import jax
+    group = None if str(args.group_size).lower() == "none" else int(args.group_size)
+    cal = args.calibration
+    if cal.lower() == "none":
+        cal = None
+    elif cal != "default":
+        path = Path(cal)
+        if not path.is_file():
+            raise FileNotFoundError(f"--calibration {cal}: not 'default', 'none' or an existing text file")
+        cal = path.read_text()
+    return dict(group_size=group, calibration=cal, statistic=args.statistic,
+                sequential=args.sequential, key=jax.random.PRNGKey(args.seed))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m converters.hf2flax", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="Hugging Face model directory (config.json + weights)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="parameter dtype (default float32)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    add_quantize_arguments(p)
     args = p.parse_args(argv)
     try:
-        m = convert(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite)
+        options = quantize_kwargs(args) if args.quantize else {}
+        m = convert(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite,
+                    quantize=args.quantize, **options)
     except (FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out}: {m['model_type']}, {m['parameters']:,} parameters, {m['dtype']}, {m['seconds']} s")
+    what = f"{m['quantization']['fmt']}, {m['quantization']['bits_per_weight']} bits/weight" \
+        if m.get("quantization") else m["dtype"]
+    print(f"wrote {args.out}: {m['model_type']}, {m['parameters']:,} parameters, {what}, {m['seconds']} s")
     return 0
 
 
