@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from any4_jax.checkpoint import save_model
+from any4_jax.cli import add_quantize_arguments, quantize_kwargs
 from any4_jax.formats import FORMATS
 from any4_jax.models import ModelConfig, Transformer, param_shapes
 from any4_jax.quantize import quantize_model
@@ -166,42 +167,13 @@ def _set(tree, path, value):
     tree[path[-1]] = value
 
 
-def add_quantize_arguments(p: argparse.ArgumentParser, required: bool = False):
-    """The quantization flags shared by this converter and `any4 quantize`."""
-    p.add_argument("--quantize" if not required else "--format", dest="quantize", required=required,
-                   choices=FORMATS, help="quantize every linear layer but lm_head to this format")
-    p.add_argument("--group-size", default="128", help="32, 64, 128, 256, 512, 1024 or 'none' (one group a row)")
-    p.add_argument("--calibration", default="default",
-                   help="'default' (the built-in one-prompt calibration), a text FILE, or 'none'")
-    p.add_argument("--statistic", default="abs_mean", choices=("abs_mean", "mean_abs", "rms"),
-                   help="per-input-channel activation statistic (default abs_mean, the paper's)")
-    p.add_argument("--sequential", action="store_true",
-                   help="re-calibrate before each layer on the partially quantized model (slower)")
-    p.add_argument("--seed", type=int, default=0, help="k-means seed")
-
-
-def quantize_kwargs(args) -> dict:
-    """``convert``/``quantize_model`` keyword arguments from parsed flags."""
-    import jax
-    group = None if str(args.group_size).lower() == "none" else int(args.group_size)
-    cal = args.calibration
-    if cal.lower() == "none":
-        cal = None
-    elif cal != "default":
-        path = Path(cal)
-        if not path.is_file():
-            raise FileNotFoundError(f"--calibration {cal}: not 'default', 'none' or an existing text file")
-        cal = path.read_text()
-    return dict(group_size=group, calibration=cal, statistic=args.statistic,
-                sequential=args.sequential, key=jax.random.PRNGKey(args.seed))
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m converters.hf2flax", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="Hugging Face model directory (config.json + weights)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="parameter dtype (default float32)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--quantize", choices=FORMATS, help="also quantize every linear layer but lm_head to this format")
     add_quantize_arguments(p)
     args = p.parse_args(argv)
     try:

