@@ -1,0 +1,106 @@
+"""Generation with a KV cache against recomputation and against transformers."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from any4_jax import load_model
+from any4_jax import generate as gen
+from any4_jax.quantize import quantize_model
+
+
+def greedy_without_cache(model, params, prompt, n):
+    ids = list(prompt)
+    for _ in range(n):
+        logits = model.apply({"params": params}, jnp.asarray([ids], jnp.int32))
+        ids.append(int(jnp.argmax(logits[0, -1])))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("arch", ["llama", "mixtral", "mistral"])
+def test_cache_equals_recomputation(tiny_model, arch):
+    _, flax_dir = tiny_model(arch)
+    model, params, _ = load_model(flax_dir)
+    prompt = [5, 17, 99, 3, 42, 7]
+    ours = gen.generate_ids(model, params, [prompt], max_new_tokens=32)[0]
+    assert ours == greedy_without_cache(model, params, prompt, 32)
+
+
+def test_quantized_cache_equals_recomputation(tiny_model):
+    _, flax_dir = tiny_model("llama")
+    model, params, _ = load_model(flax_dir)
+    qmodel, qparams = quantize_model(model, params, fmt="any4", group_size=32, calibration=None, progress=False)
+    prompt = [1, 2, 3, 4]
+    assert gen.generate_ids(qmodel, qparams, [prompt], max_new_tokens=16)[0] == \
+        greedy_without_cache(qmodel, qparams, prompt, 16)
+
+
+def test_batch_of_different_lengths_equals_each_alone(tiny_model):
+    _, flax_dir = tiny_model("llama")
+    model, params, _ = load_model(flax_dir)
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [100]]
+    batch = gen.generate_ids(model, params, prompts, max_new_tokens=12)
+    for p, b in zip(prompts, batch):
+        assert b == gen.generate_ids(model, params, [p], max_new_tokens=12)[0]
+
+
+def test_decode_step_compiles_once(tiny_model):
+    _, flax_dir = tiny_model("llama")
+    model, params, _ = load_model(flax_dir)
+    gen.generate_ids(model, params, [[1, 2, 3]], max_new_tokens=5)
+    after_5 = gen._decode_step._cache_size()
+    gen.generate_ids(model, params, [[1, 2, 3]], max_new_tokens=50)
+    assert gen._decode_step._cache_size() == after_5
+
+
+def test_stop_token_ends_a_row(tiny_model):
+    _, flax_dir = tiny_model("llama")
+    model, params, _ = load_model(flax_dir)
+    free = gen.generate_ids(model, params, [[5, 6, 7]], max_new_tokens=10)[0]
+    stopped = gen.generate_ids(model, params, [[5, 6, 7]], max_new_tokens=10, stop=[free[3]])[0]
+    assert stopped == free[: free.index(free[3]) + 1]
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 2000))
+    import jax
+    a = gen.sample(logits, jax.random.PRNGKey(0), temperature=1.0, top_k=2)
+    b = gen.sample(logits, jax.random.PRNGKey(0), temperature=1.0, top_k=2)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert set(np.asarray(a).tolist()) == {0, 1}
+    assert abs(np.mean(np.asarray(a) == 0) - 0.5 / 0.8) < 0.05  # renormalised over the top 2
+    c = np.asarray(gen.sample(logits, jax.random.PRNGKey(1), temperature=1.0, top_p=0.7))
+    assert set(c.tolist()) == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: the nucleus is {0, 1}
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompts=[""]), "empty"),
+    (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+    (dict(prompts=["word " * 9000]), "exceeds the model's context of 8192"),
+])
+def test_bad_input(smollm2_flax, kwargs, match):
+    model, params, tok = load_model(smollm2_flax)
+    args = dict(prompts=["Hello"], max_new_tokens=4)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        gen.generate(model, params, tok, args.pop("prompts"), **args)
+
+
+def test_smollm2_greedy_matches_transformers(smollm2_hf, smollm2_flax):
+    from transformers import AutoModelForCausalLM
+    model, params, tok = load_model(smollm2_flax)
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_hf, dtype=torch.float32).eval()
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+    ours = gen.generate(model, params, tok, prompts, max_new_tokens=20)
+    for prompt, new in zip(prompts, ours):
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                          max_new_tokens=20)[0, ids.shape[1]:].tolist()
+        assert new == ref[: len(new)] and len(new) >= min(len(ref), 1)
+
+
+def test_smollm2_any4_chat_generates_text(smollm2_any4):
+    model, params, tok = load_model(smollm2_any4)
+    text = gen.generate_text(model, params, tok, "What is the capital of France?", chat=True, max_new_tokens=12)[0]
+    assert "Paris" in text
