@@ -11,10 +11,16 @@ from any4_jax.quantize import quantize_model
 
 
 def greedy_without_cache(model, params, prompt, n):
+    """Full recomputation each step. Right padding to one fixed length keeps it to
+    one compilation and cannot change a causal model's logits at earlier positions."""
+    import jax
+    forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
     ids = list(prompt)
     for _ in range(n):
-        logits = model.apply({"params": params}, jnp.asarray([ids], jnp.int32))
-        ids.append(int(jnp.argmax(logits[0, -1])))
+        padded = np.zeros((1, len(prompt) + n), np.int32)
+        padded[0, :len(ids)] = ids
+        logits = forward(params, jnp.asarray(padded))
+        ids.append(int(jnp.argmax(logits[0, len(ids) - 1])))
     return ids[len(prompt):]
 
 
