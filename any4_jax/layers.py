@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -12,15 +13,39 @@ import jax.numpy as jnp
 from any4_jax.formats import QuantizedWeight, dequantize
 
 
-def qmatmul(x, qw: QuantizedWeight):
+MATMUL_ENV = "ANY4_JAX_MATMUL"
+MATMUL_PATHS = ("auto", "kernel", "xla")
+
+
+def matmul_path(path: str | None = None) -> str:
+    """``"kernel"`` or ``"xla"``: ``path`` if given, else ``$ANY4_JAX_MATMUL``, else
+    ``auto`` = the Pallas kernel on a GPU, XLA elsewhere."""
+    path = path or os.environ.get(MATMUL_ENV, "auto")
+    if path not in MATMUL_PATHS:
+        raise ValueError(f"unknown matmul path {path!r} (argument or ${MATMUL_ENV}); "
+                         f"accepted: {', '.join(MATMUL_PATHS)}")
+    if path == "auto":
+        return "kernel" if jax.default_backend() == "gpu" else "xla"
+    return path
+
+
+def qmatmul(x, qw: QuantizedWeight, *, path: str | None = None, **kernel_options):
     """``x @ W^T`` for ``x (..., K)`` and ``W (N, K)`` given by ``qw``; returns ``x.dtype``.
 
-    XLA path: dequantize (in float32) to ``x.dtype`` and ``dot`` with float32
-    accumulation. (The GPU kernel will be routed from here.)
+    ``path`` (or ``$ANY4_JAX_MATMUL``): ``"kernel"`` = the Pallas LUT matmul
+    (in interpret mode when there is no GPU), ``"xla"`` = dequantize to
+    ``x.dtype`` and ``dot`` with float32 accumulation, ``"auto"`` (default) =
+    kernel on GPU, XLA elsewhere. ``kernel_options`` go to ``lut_matmul``.
     """
-    k = qw.shape[1]
+    n, k = qw.shape
     if x.shape[-1] != k:
         raise ValueError(f"input has {x.shape[-1]} features; the quantized weight {qw.shape} expects K = {k}")
+    if matmul_path(path) == "kernel":
+        from pallas_kernels.lut_matmul import lut_matmul
+        kernel_options.setdefault("interpret", jax.default_backend() != "gpu")
+        y = lut_matmul(x.reshape(-1, k), qw.codes, qw.lut, qw.scales, qw.zeros, k=k,
+                       group_size=qw.group_size, **kernel_options)
+        return y.reshape(*x.shape[:-1], n)
     w = dequantize(qw, x.dtype)
     y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
                             preferred_element_type=jnp.float32)
