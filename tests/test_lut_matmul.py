@@ -154,3 +154,15 @@ def test_block_config_is_pow2_and_prefers_group_aligned_k_blocks():
                 assert cfg[name] & (cfg[name] - 1) == 0, (m, g, cfg)
             if g in (32, 128, 1024) and m <= 16:
                 assert g % cfg["block_k"] == 0, cfg
+
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU (run scripts/gpu_check.sh on one)")
+@pytest.mark.parametrize("m, k, n, group_size, bits, dtype, strategy", CASES)
+def test_gpu_matches_reference(rng, m, k, n, group_size, bits, dtype, strategy):
+    x, qw = make(rng, m, k, n, group_size, bits, dtype)
+    args = (x, qw.codes, qw.lut, qw.scales, qw.zeros)
+    y = lut_matmul(*args, k=k, group_size=qw.group_size, strategy=strategy)
+    check(y, lut_matmul_reference(*args, k=k, group_size=qw.group_size), dtype)
