@@ -21,7 +21,7 @@ from any4_jax import assets, load_model
 from any4_jax.evaluate import perplexity
 from any4_jax.quantize import bits_per_weight, quantize_model
 
-# (label, quantize_model keyword arguments); None = the float model
+# (label, quantize_model keyword arguments[, only at this group size]); None = the float model
 CONFIGS = [
     ("float (dequantized Q4_1)", None),
     ("int4", dict(fmt="int4", calibration=None)),
@@ -30,8 +30,8 @@ CONFIGS = [
     ("any4, no calibration", dict(fmt="any4", calibration=None)),
     ("any4, calibrated (abs_mean), no scale weighting", dict(fmt="any4", scale_sample_weight=False)),
     ("any4, calibrated (abs_mean) x scale  [default]", dict(fmt="any4")),
-    ("any4, calibrated (mean_abs) x scale", dict(fmt="any4", statistic="mean_abs")),
-    ("any4, calibrated (rms) x scale", dict(fmt="any4", statistic="rms")),
+    ("any4, calibrated (mean_abs) x scale", dict(fmt="any4", statistic="mean_abs"), 128),
+    ("any4, calibrated (rms) x scale", dict(fmt="any4", statistic="rms"), 128),
     ("any4, calibrated x scale, sequential", dict(fmt="any4", sequential=True)),
     ("int3", dict(fmt="int3", calibration=None)),
     ("any3, calibrated x scale", dict(fmt="any3")),
@@ -71,19 +71,26 @@ def main():
         "",
     ]
     lines = list(header)
+    float_row = None
     for g in args.group_sizes:
         lines += [f"## Group size {g}", "",
                   "| configuration | Botchan | Lee | bits/weight | quantize s |",
                   "|---|---|---|---|---|"]
-        for label, kwargs in CONFIGS:
+        for label, kwargs, *only in CONFIGS:
+            if only and only[0] != g:
+                continue
             if kwargs is None:
-                m, prm, secs, bpw = model, params, 0.0, 32.0
-            else:
-                start = time.perf_counter()
-                m, prm = quantize_model(model, params, group_size=g, tokenizer=tok, key=jax.random.PRNGKey(0),
-                                        progress=False, **kwargs)
-                jax.block_until_ready(prm)
-                secs, bpw = time.perf_counter() - start, bits_per_weight(prm)
+                if float_row is None:
+                    ppl = [perplexity(model, params, ids[t], args.seq_len, args.windows, progress=False) for t in TEXTS]
+                    float_row = f"| {label} | {ppl[0]:.3f} | {ppl[1]:.3f} | 32.00 | 0.0 |"
+                lines.append(float_row)
+                print(lines[-1], flush=True)
+                continue
+            start = time.perf_counter()
+            m, prm = quantize_model(model, params, group_size=g, tokenizer=tok, key=jax.random.PRNGKey(0),
+                                    progress=False, **kwargs)
+            jax.block_until_ready(prm)
+            secs, bpw = time.perf_counter() - start, bits_per_weight(prm)
             ppl = [perplexity(m, prm, ids[t], args.seq_len, args.windows, progress=False) for t in TEXTS]
             lines.append(f"| {label} | {ppl[0]:.3f} | {ppl[1]:.3f} | {bpw:.2f} | {secs:.1f} |")
             print(lines[-1], flush=True)
