@@ -106,7 +106,7 @@ def save_model(out_dir, model, params, tokenizer=None, *, overwrite: bool = Fals
     return json.loads((Path(out_dir) / "manifest.json").read_text())
 
 
-def load_model(model_dir, *, dtype=None, tokenizer: bool = True, require: str | None = None):
+def load_model(model_dir, *, dtype=None, tokenizer: bool = True, require: str | None = None, mesh=None):
     """``(model, params, tokenizer)`` from a directory written by the converter
     or ``save_model``. Quantized checkpoints load as they were saved (never
     re-quantized).
@@ -114,9 +114,10 @@ def load_model(model_dir, *, dtype=None, tokenizer: bool = True, require: str | 
     ``dtype`` is the compute dtype (default: the dtype the checkpoint was saved
     in). ``require="float"`` or ``"quantized"`` refuses the other kind. The
     tokenizer is ``None`` when the directory has none or ``tokenizer=False``.
+    With a ``mesh`` (see ``any4_jax.sharding``) every array is read straight
+    into its shards by the partition rules.
     """
     import jax.numpy as jnp
-    import orbax.checkpoint as ocp
 
     from any4_jax.layers import QuantDenseFactory
     from any4_jax.models import ModelConfig, Transformer, param_shapes
@@ -134,16 +135,42 @@ def load_model(model_dir, *, dtype=None, tokenizer: bool = True, require: str | 
                               f"required here (quantize the original float checkpoint instead)")
     config = ModelConfig.from_hf(json.loads((d / "config.json").read_text()))
     model = Transformer(config, dtype=jnp.dtype(dtype or manifest.get("dtype", "float32")))
-    checkpointer = ocp.StandardCheckpointer()
     if quant:
         fields = {k: v for k, v in quant.items() if k != "bits_per_weight"}
         fields["skip"] = tuple(fields["skip"])
         model = model.clone(dense=QuantDenseFactory(**fields))
-        params = checkpointer.restore((d / "params").absolute(), param_shapes(model))
-    else:
-        params = checkpointer.restore((d / "params").absolute())
+    params = _restore(d / "params", param_shapes(model), mesh)
     tok = None
     if tokenizer and (d / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(str(d))
     return model, params, tok
+
+
+def _restore(path: Path, abstract, mesh=None):
+    """Restore an orbax params tree with the structure of ``abstract`` (the
+    model's own, ``QuantizedWeight`` nodes included), the dtypes as saved, and,
+    with a mesh, the partition rules' shardings."""
+    import orbax.checkpoint as ocp
+
+    checkpointer = ocp.StandardCheckpointer()
+    path = path.absolute()
+    saved = {_keys(p): m for p, m in jax.tree_util.tree_leaves_with_path(checkpointer.metadata(path).item_metadata)}
+    targets = jax.tree_util.tree_leaves_with_path(abstract)
+    if set(saved) != {_keys(p) for p, _ in targets}:
+        missing = sorted("/".join(k) for k in {_keys(p) for p, _ in targets} - set(saved))
+        raise CheckpointError(f"{path} does not match the model in config.json/manifest.json "
+                              f"(missing: {', '.join(missing[:5]) or 'none'})")
+    if mesh is not None:
+        from any4_jax.sharding import shardings
+        placements = jax.tree_util.tree_leaves(shardings(abstract, mesh))
+    else:
+        placements = [None] * len(targets)
+    leaves = [jax.ShapeDtypeStruct(saved[_keys(p)].shape, saved[_keys(p)].dtype, sharding=sh)
+              for (p, _), sh in zip(targets, placements)]
+    target = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract), leaves)
+    return checkpointer.restore(path, target)
+
+
+def _keys(path) -> tuple:
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -67,8 +68,16 @@ def cmd_quantize(args, rest):
     if Path(args.out).exists() and not args.overwrite:  # before the long work, not after it
         raise FileExistsError(f"output directory {args.out} already exists; pass --overwrite to replace it")
     model, params, tokenizer = load_model(args.model, require="float")
+    options = quantize_kwargs(args)
+    if args.devices > 1:
+        import jax
+        from any4_jax.sharding import make_mesh
+        if jax.device_count() < args.devices:
+            raise ValueError(f"--devices {args.devices}: only {jax.device_count()} {jax.default_backend()} "
+                             f"device(s) are visible")
+        options["mesh"] = make_mesh(1, args.devices, devices=jax.devices()[: args.devices])
     start = time.perf_counter()
-    qmodel, qparams = quantize_model(model, params, fmt=args.format, tokenizer=tokenizer, **quantize_kwargs(args))
+    qmodel, qparams = quantize_model(model, params, fmt=args.format, tokenizer=tokenizer, **options)
     seconds = time.perf_counter() - start
     m = save_model(args.out, qmodel, qparams, tokenizer, overwrite=args.overwrite, source=args.model)
     print(f"wrote {args.out}: {args.format}, group size {args.group_size}, "
@@ -188,6 +197,8 @@ def build_parser():
     q.add_argument("--out", required=True, help="output directory (written atomically)")
     q.add_argument("--format", default="any4", choices=FORMATS)
     add_quantize_arguments(q)
+    q.add_argument("--devices", type=int, default=1,
+                   help="spread LUT learning over this many devices (on a CPU-only machine: CPU devices)")
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_quantize)
 
@@ -228,6 +239,10 @@ def main(argv=None):
     if argv and argv[0] == "convert":  # passes every flag through to the converter
         return cmd_convert(None, argv[1:])
     args = parser.parse_args(argv)
+    if getattr(args, "devices", 1) > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        # Without accelerators, let jax see this many CPU devices (read when its backend starts).
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.devices}").strip()
     from any4_jax.checkpoint import CheckpointError
     try:
         return args.func(args, [])

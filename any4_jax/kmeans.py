@@ -24,6 +24,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 INITS = ("k-means++", "uniform", "nf4", "random")
 _DEFAULT_N_BINS = 1024
@@ -41,7 +42,8 @@ def weighted_kmeans_1d(
     max_iter: int = 300,
     tol: float = 1e-4,
     n_bins: int | None = _DEFAULT_N_BINS,
-    chunk_rows: int = 512,
+    chunk_rows: int = 128,
+    mesh=None,
 ):
     """Weighted k-means on each row of ``x`` independently.
 
@@ -62,7 +64,9 @@ def weighted_kmeans_1d(
         squared centroid shift is ``<= tol * var(row)`` (scikit-learn's rule).
       n_bins: histogram resolution (see module docstring); ``None`` = exact,
         sort-based points.
-      chunk_rows: rows processed per compiled call; bounds memory.
+      chunk_rows: rows processed per compiled call (per device); bounds memory.
+      mesh: a ``jax.sharding.Mesh``: rows are spread over all its devices
+        (each row's problem is independent; the result equals one device's).
 
     Returns:
       ``(centroids (R, n_clusters) float32, ascending per row,
@@ -88,7 +92,10 @@ def weighted_kmeans_1d(
 
     rows = x.shape[0]
     row_keys = jax.random.split(key, max(rows, 1))
-    chunk = max(1, min(chunk_rows, rows))
+    devices = 1 if mesh is None else mesh.size
+    chunk = max(1, min(chunk_rows, -(-rows // devices))) * devices
+    place = (lambda a: a) if mesh is None else functools.partial(
+        jax.device_put, device=NamedSharding(mesh, P(tuple(mesh.axis_names), None)))
     solve = functools.partial(
         _solve_chunk, n_clusters=n_clusters, init=init, n_init=n_init,
         max_iter=max_iter, tol=tol, n_bins=n_bins)
@@ -96,7 +103,7 @@ def weighted_kmeans_1d(
     for start in range(0, rows, chunk):
         stop = min(start + chunk, rows)
         pad = chunk - (stop - start)  # the last chunk is padded so shapes stay static
-        xs, ws, ks = (jnp.pad(a[start:stop], [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+        xs, ws, ks = (place(jnp.pad(a[start:stop], [(0, pad)] + [(0, 0)] * (a.ndim - 1)))
                       for a in (x, w, row_keys))
         c, l = solve(xs, ws, ks)
         centroids.append(c[: stop - start])
