@@ -164,8 +164,8 @@ def _restore(path: Path, abstract, mesh=None):
     if mesh is not None:
         from any4_jax.sharding import shardings
         placements = jax.tree_util.tree_leaves(shardings(abstract, mesh))
-    else:
-        placements = [None] * len(targets)
+    else:  # one device, whatever topology the checkpoint was written from
+        placements = [jax.sharding.SingleDeviceSharding(jax.devices()[0])] * len(targets)
     leaves = [jax.ShapeDtypeStruct(saved[_keys(p)].shape, saved[_keys(p)].dtype, sharding=sh)
               for (p, _), sh in zip(targets, placements)]
     target = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract), leaves)

@@ -110,7 +110,11 @@ def weighted_kmeans_1d(
         labels.append(l[: stop - start])
     if not centroids:
         return jnp.zeros((0, n_clusters), jnp.float32), jnp.zeros(x.shape, jnp.uint8)
-    return jnp.concatenate(centroids), jnp.concatenate(labels)
+    centroids, labels = jnp.concatenate(centroids), jnp.concatenate(labels)
+    if mesh is not None:  # hand the result back where the input lives
+        home = x.sharding
+        centroids, labels = jax.device_put(centroids, home), jax.device_put(labels, home)
+    return centroids, labels
 
 
 def kmeans_objective(x, weights, centroids, labels):

@@ -88,3 +88,15 @@ def test_mesh_that_does_not_divide_a_layer_is_named(converted):
     qparams["layers_1"]["self_attn"]["o_proj"]["kernel"] = qw
     with pytest.raises(ValueError, match=r"layers_1/self_attn/o_proj/kernel: its number of groups along K = 3"):
         sh.shard_params(qparams, qmesh)
+
+
+def test_checkpoint_written_from_a_mesh_loads_on_one_device(converted, tmp_path):
+    model, params, _ = load_model(converted / "float")
+    mesh = sh.make_mesh(2, 4)
+    qmodel, qparams = quantize_model(model, params, fmt="any4", group_size=32, calibration=IDS[:1],
+                                     progress=False, mesh=mesh)
+    save_model(tmp_path / "q", qmodel, sh.shard_params(qparams, mesh))
+    _, loaded, _ = load_model(tmp_path / "q")
+    assert all(len(x.sharding.device_set) == 1 for x in jax.tree_util.tree_leaves(loaded))
+    np.testing.assert_array_equal(np.asarray(qmodel.apply({"params": loaded}, jnp.asarray(IDS))),
+                                  np.asarray(qmodel.apply({"params": qparams}, jnp.asarray(IDS))))
