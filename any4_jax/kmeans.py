@@ -213,12 +213,6 @@ def _binned_objective(points, pw, c):
     return jnp.sum(pw * (points - fit) ** 2)
 
 
-_NF4 = np.array([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
-    0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0], np.float32)
 
 
 def _init_centroids(points, pw, x, key, n_clusters, init):
@@ -226,7 +220,8 @@ def _init_centroids(points, pw, x, key, n_clusters, init):
     if init == "uniform":
         return lo + (hi - lo) * jnp.linspace(0.0, 1.0, n_clusters)
     if init == "nf4":
-        shape = np.interp(np.linspace(0, 15, n_clusters), np.arange(16), _NF4)
+        from any4_jax.formats import NF4_TABLE  # formats imports this module
+        shape = np.interp(np.linspace(0, 15, n_clusters), np.arange(16), NF4_TABLE)
         return lo + (hi - lo) * (jnp.asarray(shape, jnp.float32) + 1) / 2
     if init == "random":
         # Distinct points, drawn with probability proportional to weight (Gumbel top-k).
