@@ -22,7 +22,6 @@ and names the one whose size a mesh axis does not divide.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 

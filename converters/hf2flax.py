@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import jax.numpy as jnp
-import numpy as np
 from tqdm import tqdm
 
 from any4_jax.checkpoint import save_model

@@ -1,7 +1,6 @@
 """Flax models and the HF -> Flax converter, against transformers' PyTorch forward."""
 
 import json
-import os
 
 import jax.numpy as jnp
 import numpy as np

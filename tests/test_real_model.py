@@ -1,7 +1,6 @@
 """The real path on a real model and real text: SmolLM2-135M on Botchan."""
 
 import numpy as np
-import pytest
 import torch
 
 from any4_jax import assets, load_model
