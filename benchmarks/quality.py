@@ -6,10 +6,13 @@ For each group size: float, int4/fp4/nf4, any4 (uncalibrated; calibrated on
 the built-in prompt without and with scale weighting; other statistics;
 sequential), any3/int3, any2/int2 — perplexity on Botchan and on the Lee corpus
 (non-overlapping windows of 1024 tokens) and each run's quantization time.
-The file is rewritten after every row, so a partial run still leaves results.
+The essential rows (the paper's comparison) run first at every group size,
+then the ablations. Results are kept in a JSON file beside the table, rewritten
+after every row; a rerun with the same settings skips the rows it already has.
 """
 
 import argparse
+import json
 import os
 import platform
 import time
@@ -21,23 +24,25 @@ from any4_jax import assets, load_model
 from any4_jax.evaluate import perplexity
 from any4_jax.quantize import bits_per_weight, quantize_model
 
-# (label, quantize_model keyword arguments[, only at this group size]); None = the float model
+# (label, quantize_model keyword arguments or None for the float model, essential?)
+# Essential rows (the paper's comparison) run first at every group size.
 CONFIGS = [
-    ("float (dequantized Q4_1)", None),
-    ("int4", dict(fmt="int4", calibration=None)),
-    ("fp4", dict(fmt="fp4", calibration=None)),
-    ("nf4", dict(fmt="nf4", calibration=None)),
-    ("any4, no calibration", dict(fmt="any4", calibration=None)),
-    ("any4, calibrated (abs_mean), no scale weighting", dict(fmt="any4", scale_sample_weight=False)),
-    ("any4, calibrated (abs_mean) x scale  [default]", dict(fmt="any4")),
-    ("any4, calibrated (mean_abs) x scale", dict(fmt="any4", statistic="mean_abs"), 128),
-    ("any4, calibrated (rms) x scale", dict(fmt="any4", statistic="rms"), 128),
-    ("any4, calibrated x scale, sequential", dict(fmt="any4", sequential=True)),
-    ("int3", dict(fmt="int3", calibration=None)),
-    ("any3, calibrated x scale", dict(fmt="any3")),
-    ("int2", dict(fmt="int2", calibration=None)),
-    ("any2, calibrated x scale", dict(fmt="any2")),
+    ("float (dequantized Q4_1)", None, True),
+    ("int4", dict(fmt="int4", calibration=None), True),
+    ("fp4", dict(fmt="fp4", calibration=None), True),
+    ("nf4", dict(fmt="nf4", calibration=None), True),
+    ("any4, no calibration", dict(fmt="any4", calibration=None), False),
+    ("any4, calibrated (abs_mean), no scale weighting", dict(fmt="any4", scale_sample_weight=False), False),
+    ("any4, calibrated (abs_mean) x scale  [default]", dict(fmt="any4"), True),
+    ("any4, calibrated (mean_abs) x scale", dict(fmt="any4", statistic="mean_abs"), False),
+    ("any4, calibrated (rms) x scale", dict(fmt="any4", statistic="rms"), False),
+    ("any4, calibrated x scale, sequential", dict(fmt="any4", sequential=True), False),
+    ("int3", dict(fmt="int3", calibration=None), True),
+    ("any3, calibrated x scale", dict(fmt="any3"), True),
+    ("int2", dict(fmt="int2", calibration=None), False),
+    ("any2, calibrated x scale", dict(fmt="any2"), False),
 ]
+STATISTIC_ROWS_ONLY_AT = 128  # the mean_abs / rms comparison runs at one group size
 TEXTS = ("botchan", "lee")
 
 
@@ -68,35 +73,44 @@ def main():
         "",
         "**SmolLM2's released weights are already 4-bit** (llama.cpp Q4_1, blocks of 32): the 'float' row is",
         "their dequantized form, and every other row re-quantizes those weights.",
+        "'quantize s' is wall-clock time on the machine named above, which other jobs may have shared.",
         "",
     ]
-    lines = list(header)
-    float_row = None
-    for g in args.group_sizes:
-        lines += [f"## Group size {g}", "",
-                  "| configuration | Botchan | Lee | bits/weight | quantize s |",
-                  "|---|---|---|---|---|"]
-        for label, kwargs, *only in CONFIGS:
-            if only and only[0] != g:
-                continue
-            if kwargs is None:
-                if float_row is None:
-                    ppl = [perplexity(model, params, ids[t], args.seq_len, args.windows, progress=False) for t in TEXTS]
-                    float_row = f"| {label} | {ppl[0]:.3f} | {ppl[1]:.3f} | 32.00 | 0.0 |"
-                lines.append(float_row)
-                print(lines[-1], flush=True)
-                continue
+    results_file = Path(args.out).with_suffix(".json")
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+
+    def write():
+        lines = list(header)
+        for g in args.group_sizes:
+            lines += [f"## Group size {g}", "", "| configuration | Botchan | Lee | bits/weight | quantize s |",
+                      "|---|---|---|---|---|"]
+            for label, kwargs, _ in CONFIGS:
+                r = results.get("float" if kwargs is None else f"{g}|{label}")
+                if r:
+                    lines.append(f"| {label} | {r['ppl'][0]:.3f} | {r['ppl'][1]:.3f} | {r['bpw']:.2f} | {r['s']:.1f} |")
+            lines.append("")
+        Path(args.out).write_text("\n".join(lines) + "\n")
+        results_file.write_text(json.dumps(results, indent=1) + "\n")
+
+    todo = [(g, c) for essential in (True, False) for g in args.group_sizes for c in CONFIGS if c[2] == essential
+            and not ("statistic" in (c[1] or {}) and g != STATISTIC_ROWS_ONLY_AT)]
+    for g, (label, kwargs, _) in todo:
+        key = "float" if kwargs is None else f"{g}|{label}"
+        if key in results:  # resumed: measured by an earlier run with the same settings
+            continue
+        if kwargs is None:
+            m, prm, secs, bpw = model, params, 0.0, 32.0
+        else:
             start = time.perf_counter()
             m, prm = quantize_model(model, params, group_size=g, tokenizer=tok, key=jax.random.PRNGKey(0),
                                     progress=False, **kwargs)
             jax.block_until_ready(prm)
             secs, bpw = time.perf_counter() - start, bits_per_weight(prm)
-            ppl = [perplexity(m, prm, ids[t], args.seq_len, args.windows, progress=False) for t in TEXTS]
-            lines.append(f"| {label} | {ppl[0]:.3f} | {ppl[1]:.3f} | {bpw:.2f} | {secs:.1f} |")
-            print(lines[-1], flush=True)
-            Path(args.out).write_text("\n".join(lines) + "\n")
-        lines.append("")
-    Path(args.out).write_text("\n".join(lines) + "\n")
+        ppl = [perplexity(m, prm, ids[t], args.seq_len, args.windows, progress=False) for t in TEXTS]
+        results[key] = {"ppl": ppl, "bpw": bpw, "s": secs, "windows": args.windows}
+        print(key, results[key], flush=True)
+        write()
+    write()
 
 
 if __name__ == "__main__":
