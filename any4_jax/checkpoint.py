@@ -91,8 +91,6 @@ def save_model(out_dir, model, params, tokenizer=None, *, overwrite: bool = Fals
     (atomically). Quantized params keep their dtypes (uint8 codes, LUTs,
     scales); the manifest records how they were made. ``hf_config`` (default:
     ``model.config.to_hf()``) is written as ``config.json``. Returns the manifest."""
-    import dataclasses
-
     from any4_jax.layers import QuantDenseFactory
     from any4_jax.quantize import bits_per_weight
 
@@ -100,7 +98,7 @@ def save_model(out_dir, model, params, tokenizer=None, *, overwrite: bool = Fals
                 "source": None if source is None else str(source)}
     if isinstance(model.dense, QuantDenseFactory):
         manifest["quantized"] = True
-        manifest["quantization"] = {**dataclasses.asdict(model.dense), "bits_per_weight": bits_per_weight(params)}
+        manifest["quantization"] = {**model.dense.recipe(), "bits_per_weight": bits_per_weight(params)}
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         write_model_dir(tmp, params, hf_config or model.config.to_hf(), tokenizer, manifest)
     return json.loads((Path(out_dir) / "manifest.json").read_text())
@@ -138,7 +136,7 @@ def load_model(model_dir, *, dtype=None, tokenizer: bool = True, require: str | 
     if quant:
         fields = {k: v for k, v in quant.items() if k != "bits_per_weight"}
         fields["skip"] = tuple(fields["skip"])
-        model = model.clone(dense=QuantDenseFactory(**fields))
+        model = model.clone(dense=QuantDenseFactory(**fields, mesh=mesh))
     params = _restore(d / "params", param_shapes(model), mesh)
     tok = None
     if tokenizer and (d / "tokenizer_config.json").exists():

@@ -72,6 +72,7 @@ class QuantDense(nn.Module):
     fmt: str = "any4"
     group_size: int | None = 128
     storage_dtype: Any = jnp.float32
+    mesh: Any = None  # with the kernel path: run it per shard (see sharding.per_shard_qmatmul)
 
     @nn.compact
     def __call__(self, x):
@@ -79,11 +80,20 @@ class QuantDense(nn.Module):
         qw = self.param("kernel", lambda _: abstract_quantized_weight(
             self.features, k, self.fmt, self.group_size, self.storage_dtype))
         dtype = self.dtype or x.dtype
-        y = qmatmul(x.astype(dtype), qw)
+        y = self._matmul(x.astype(dtype), qw)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
             y = y + bias.astype(dtype)
         return y
+
+    def _matmul(self, x, qw):
+        if self.mesh is not None and matmul_path() == "kernel":
+            from any4_jax import sharding
+            kind = ("column" if self.name in sharding.COLUMN_PARALLEL else
+                    "row" if self.name in sharding.ROW_PARALLEL else None)
+            if kind:
+                return sharding.per_shard_qmatmul(x, qw, self.mesh, kind)
+        return qmatmul(x, qw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,9 +110,14 @@ class QuantDenseFactory:
     statistic: str = "abs_mean"
     scale_sample_weight: bool = True
     sequential: bool = False
+    mesh: Any = None  # set by load_model(..., mesh=...): kernel matmuls run per shard
 
     def __call__(self, features, *, use_bias=True, dtype=None, name=None):
         if name in self.skip:
             return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name)
         return QuantDense(features, use_bias, dtype, self.fmt, self.group_size,
-                          jnp.dtype(self.storage_dtype), name=name)
+                          jnp.dtype(self.storage_dtype), self.mesh, name=name)
+
+    def recipe(self) -> dict:
+        """The fields a checkpoint records (everything but the mesh)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "mesh"}

@@ -22,6 +22,7 @@ and names the one whose size a mesh axis does not divide.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -113,3 +114,37 @@ def shard_params(params, mesh: Mesh):
 def shard_batch(x, mesh: Mesh):
     """Split a ``(B, ...)`` batch over the mesh's data axis."""
     return jax.device_put(x, NamedSharding(mesh, P(DATA, *([None] * (np.ndim(x) - 1)))))
+
+
+def per_shard_qmatmul(x, qw: QuantizedWeight, mesh: Mesh, parallel: str):
+    """``qmatmul`` on the Pallas kernel, run on each shard with ``shard_map``
+    (a custom kernel is opaque to XLA's partitioner, which would gather whole
+    weights to every device). ``parallel``: ``"column"`` (rows of W split; the
+    output comes out split along N) or ``"row"`` (K split; the partial products
+    are summed with ``psum``). The batch dimension is split over ``data`` when
+    it divides."""
+    from any4_jax.layers import qmatmul
+
+    n, k = qw.shape
+    tp = mesh.shape[MODEL]
+    batch = DATA if x.shape[0] % mesh.shape[DATA] == 0 else None
+    middle = (None,) * (x.ndim - 2)
+    if parallel == "column":
+        x_spec, w_spec, lut_spec = P(batch, *middle, None), P(MODEL, None), P(MODEL, None)
+        out_spec, local_shape = P(batch, *middle, MODEL), (n // tp, k)
+    elif parallel == "row":
+        x_spec, w_spec, lut_spec = P(batch, *middle, MODEL), P(None, MODEL), P(None, None)
+        out_spec, local_shape = P(batch, *middle, None), (n, k // tp)
+    else:
+        raise ValueError(f"parallel must be 'column' or 'row'; got {parallel!r}")
+
+    def local(x, codes, lut, scales, zeros):
+        w = QuantizedWeight(codes, lut, scales, zeros, local_shape, qw.bits, qw.group_size, qw.fmt)
+        y = qmatmul(x, w, path="kernel")
+        if parallel == "row":
+            y = jax.lax.psum(y.astype(jnp.float32), MODEL).astype(x.dtype)
+        return y
+
+    # check_vma=False: a pallas_call does not say how its output varies over the mesh
+    return jax.shard_map(local, mesh=mesh, in_specs=(x_spec, w_spec, lut_spec, w_spec, w_spec),
+                         out_specs=out_spec, check_vma=False)(x, qw.codes, qw.lut, qw.scales, qw.zeros)
