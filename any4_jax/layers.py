@@ -71,7 +71,7 @@ class QuantDense(nn.Module):
     dtype: Any = None
     fmt: str = "any4"
     group_size: int | None = 128
-    storage_dtype: Any = jnp.float32
+    storage_dtype: Any = jnp.bfloat16
     mesh: Any = None  # with the kernel path: run it per shard (see sharding.per_shard_qmatmul)
 
     @nn.compact
@@ -104,7 +104,7 @@ class QuantDenseFactory:
     fmt: str
     group_size: int | None
     skip: tuple = ("lm_head",)
-    storage_dtype: str = "float32"
+    storage_dtype: str = "bfloat16"
     # How the weights were made (recorded in checkpoints; no effect on compute):
     calibration: str | None = None
     statistic: str = "abs_mean"

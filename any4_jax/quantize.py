@@ -73,7 +73,7 @@ def calibration_inputs(calibration, tokenizer):
 def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None = 128,
                    skip=("lm_head",), calibration="default", statistic: str = "abs_mean",
                    scale_sample_weight: bool = True, sequential: bool = False, tokenizer=None,
-                   key=None, storage_dtype: str = "float32", progress: bool = True, **kmeans_options):
+                   key=None, storage_dtype: str = "bfloat16", progress: bool = True, **kmeans_options):
     """Quantize every Dense layer of ``model`` except those named in ``skip``.
 
     Returns ``(qmodel, qparams)``: ``qmodel.apply({"params": qparams}, x)`` runs
@@ -114,7 +114,7 @@ def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None =
         w = jnp.asarray(kernel, jnp.float32).T  # Flax (K, N) -> (N, K)
         qw = quantize_tensor(w, fmt, group_size, sample_weight=stats.get(path),
                              scale_sample_weight=scale_sample_weight, key=jax.random.fold_in(key, i),
-                             dtype=storage_dtype, **kmeans_options)
+                             storage_dtype=storage_dtype, **kmeans_options)
         quantized[path] = qw
         if sequential:
             _get(work, path)["kernel"] = dequantize(qw, kernel.dtype).T

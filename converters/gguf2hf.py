@@ -4,19 +4,26 @@
 
 Dequantizes F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors to float32 with the ``gguf``
 package, undoes llama.cpp's rope permutation of ``attn_q``/``attn_k``, and writes
-``model.safetensors``, ``config.json`` and the tokenizer (rebuilt from the GGUF
-metadata by transformers). No torch needed. The output appears atomically.
+``model.safetensors``, ``config.json`` and the tokenizer (``tokenizer.json`` and
+``tokenizer_config.json``, rebuilt from the GGUF metadata with the ``tokenizers``
+library). No torch needed. The output appears atomically.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
 
 import numpy as np
+from gguf import GGUFReader
+from gguf.quants import dequantize
+from safetensors.numpy import save_file
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
+from transformers import PreTrainedTokenizerFast
 
 from any4_jax.checkpoint import atomic_directory
 
@@ -94,14 +101,73 @@ def gguf_config(reader) -> dict:
     }
 
 
+# Pre-tokenizer regexes of byte-level BPE vocabularies, by ``tokenizer.ggml.pre``
+# (llama.cpp's names). Any other value (SmolLM2 says "smollm") uses GPT-2's
+# built-in ByteLevel split, as transformers does.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZER_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
+                        "smaug-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map of byte-level BPE."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    extra = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
+
+
+def gguf_tokenizer(reader) -> PreTrainedTokenizerFast:
+    """The tokenizer a GGUF file describes, built from its metadata (tokens,
+    merges, token types, special-token ids, chat template) with the
+    ``tokenizers`` library. Byte-level BPE (``tokenizer.ggml.model == "gpt2"``,
+    the Llama-3 / SmolLM2 / Qwen2 family) is supported."""
+    kind = _field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(f"unsupported GGUF tokenizer {kind!r} (tokenizer.ggml.model); supported: "
+                         f"gpt2 (byte-level BPE)")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    merges = _field(reader, "tokenizer.ggml.merges")
+    if not tokens or merges is None:
+        raise ValueError("the GGUF file has no tokenizer.ggml.tokens / tokenizer.ggml.merges")
+    types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    spelling = _bytes_to_unicode()
+    alphabet = set(spelling.values())
+    # A token written in plain text (not the byte alphabet) is re-spelled byte by byte.
+    vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
+             for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab, [tuple(m.split(" ")) for m in merges], fuse_unk=False))
+    split = PRE_TOKENIZER_SPLITS.get(_field(reader, "tokenizer.ggml.pre"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True) if split is None else \
+        pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    # Control tokens stay whole and special; user-defined ones stay whole (llama.cpp matches both whole).
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                            for t, ty in zip(tokens, types) if ty == _CONTROL and set(t) <= alphabet])
+    tok.add_tokens([AddedToken(t, normalized=False, special=False)
+                    for t, ty in zip(tokens, types) if ty == _USER_DEFINED and t in vocab])
+
+    def special(key):
+        i = _field(reader, f"tokenizer.ggml.{key}")
+        return None if i is None else tokens[int(i)]
+
+    bos = special("bos_token_id")
+    if _field(reader, "tokenizer.ggml.add_bos_token", False) and bos is not None:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, vocab.get(bos, 0))])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=special("eos_token_id"),
+        unk_token=special("unknown_token_id"), pad_token=special("padding_token_id"),
+        chat_template=_field(reader, "tokenizer.chat_template"))
+
+
 def convert(gguf_file, out_dir, *, overwrite: bool = False, progress: bool = True) -> dict:
     """Write an HF model directory for ``gguf_file``; returns its config."""
-    import json
-
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-    from safetensors.numpy import save_file
-
     gguf_file = Path(gguf_file)
     if not gguf_file.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_file} not found")
@@ -110,6 +176,7 @@ def convert(gguf_file, out_dir, *, overwrite: bool = False, progress: bool = Tru
     except Exception as e:
         raise ValueError(f"cannot read {gguf_file} as GGUF: {e}") from e
     config = gguf_config(reader)
+    tokenizer = gguf_tokenizer(reader)
     bad = sorted({f"{t.name} ({t.tensor_type.name})" for t in reader.tensors
                   if t.tensor_type.name not in SUPPORTED_TYPES})
     if bad:
@@ -127,9 +194,7 @@ def convert(gguf_file, out_dir, *, overwrite: bool = False, progress: bool = Tru
             tensors[hf_tensor_name(t.name)] = np.ascontiguousarray(w)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
-        tok.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
     return config
 
 

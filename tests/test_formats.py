@@ -59,7 +59,7 @@ def codes_of(qw):
 @pytest.mark.parametrize("bits", [4, 3, 2])
 def test_int_matches_numpy_exactly(rng, n, k, g, bits):
     w = rng.standard_t(4, size=(n, k)).astype(np.float32)
-    qw = quantize_tensor(w, f"int{bits}", g)
+    qw = quantize_tensor(w, f"int{bits}", g, storage_dtype="float32")
     codes, deq = numpy_int(w, g, bits)
     np.testing.assert_array_equal(codes_of(qw), codes)
     np.testing.assert_array_equal(np.asarray(dequantize(qw)), deq)
@@ -84,7 +84,7 @@ def table_test_weights(rng, n, k, table):
 @pytest.mark.parametrize("fmt, table", [("nf4", NF4_TABLE), ("fp4", FP4_TABLE)])
 def test_table_formats_match_numpy_exactly(rng, n, k, g, fmt, table):
     w = table_test_weights(rng, n, k, table)
-    qw = quantize_tensor(w, fmt, g)
+    qw = quantize_tensor(w, fmt, g, storage_dtype="float32")
     values, deq = numpy_table(w, g, table)
     np.testing.assert_array_equal(table[codes_of(qw)], values)
     np.testing.assert_array_equal(np.asarray(dequantize(qw)), deq)
@@ -121,7 +121,7 @@ def exact_rows(rng, fmt, n, k, g):
 @pytest.mark.parametrize("k, g", [(256, 64), (200, 64), (128, None)])
 def test_exact_round_trip(rng, fmt, k, g):
     w = exact_rows(rng, fmt, 6, k, g)
-    qw = quantize_tensor(w, fmt, g)
+    qw = quantize_tensor(w, fmt, g, storage_dtype="float32")
     np.testing.assert_array_equal(np.asarray(dequantize(qw)), w)
 
 
@@ -131,8 +131,8 @@ def test_storage_layout(rng):
     assert qw.codes.shape == (16, 100) and qw.codes.dtype == np.uint8
     assert qw.lut.shape == (16, 8) and qw.scales.shape == (16, 4) and qw.zeros.shape == (16, 4)
     assert qw.n_groups == 4 and qw.bits == 3 and qw.group_size == 64
-    # codes 4 bits each + 8 LUT floats a row + 2 floats a group
-    expected = 16 * 100 + 16 * 8 * 4 + 2 * 16 * 4 * 4
+    # codes 4 bits each + 8 LUT values a row + 2 values a group, 2 bytes each (bfloat16 default)
+    expected = 16 * 100 + 16 * 8 * 2 + 2 * 16 * 4 * 2
     assert qw.nbytes == expected
     assert qw.bits_per_weight == pytest.approx(8 * expected / (16 * 200))
     leaves, treedef = jax.tree_util.tree_flatten(qw)
@@ -165,7 +165,7 @@ def test_padding_takes_no_part_in_kmeans(rng):
     equal weighted k-means on the real elements alone (deterministic init)."""
     w, act = realistic_weight(rng, 4, 200)
     opts = dict(init="uniform", n_bins=None)
-    qw = quantize_tensor(w, "any4", 64, sample_weight=act, **opts)
+    qw = quantize_tensor(w, "any4", 64, sample_weight=act, storage_dtype="float32", **opts)
     u = np.zeros_like(w)
     omega = np.zeros_like(w)
     for sl in numpy_groups(w, 64):
@@ -187,14 +187,29 @@ def test_deterministic_for_a_key(rng):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_bfloat16_storage(rng):
-    w, _ = realistic_weight(rng, 8, 256)
-    qw = quantize_tensor(w, "any4", 128, dtype="bfloat16")
+@pytest.mark.parametrize("fmt", ["any4", "int4", "nf4"])
+def test_bfloat16_storage_is_the_default_and_rounds_only_the_metadata(rng, fmt):
+    """The default stores LUT, scales and zeros as bf16: the same codes as a
+    float32 quantization, and its metadata rounded to nearest bf16 (ml_dtypes)."""
+    import ml_dtypes
+
+    w, act = realistic_weight(rng, 8, 256)
+    qw = quantize_tensor(w, fmt, 128, sample_weight=act)
+    f32 = quantize_tensor(w, fmt, 128, sample_weight=act, storage_dtype="float32")
     assert qw.lut.dtype == qw.scales.dtype == qw.zeros.dtype == "bfloat16"
-    f32 = quantize_tensor(w, "any4", 128)
-    # bf16 keeps 8 mantissa bits: relative error of a stored value <= 2**-8.
-    err = np.abs(np.asarray(dequantize(qw)) - np.asarray(dequantize(f32)))
-    assert err.max() <= 2 ** -7 * np.abs(w).max()
+    np.testing.assert_array_equal(np.asarray(qw.codes), np.asarray(f32.codes))
+    for name in ("lut", "scales", "zeros"):
+        expected = np.asarray(getattr(f32, name)).astype(ml_dtypes.bfloat16)
+        np.testing.assert_array_equal(np.asarray(getattr(qw, name)), expected, err_msg=name)
+    # 16-bit metadata: <= 4.5 bits a weight at G = 128 once K is large.
+    big = quantize_tensor(np.asarray(rng.standard_normal((16, 4096)), np.float32), fmt, 128)
+    assert big.bits_per_weight == pytest.approx(4 + (16 * 16 + 2 * 32 * 16) / 4096)
+    assert big.bits_per_weight <= 4.5
+
+
+def test_storage_dtype_rejected_by_name():
+    with pytest.raises(ValueError, match="storage_dtype 'int8'; accepted: bfloat16, float16, float32"):
+        quantize_tensor(np.ones((2, 64), np.float32), "int4", 32, storage_dtype="int8")
 
 
 def test_nan_inf_rejected_with_count_and_position():
