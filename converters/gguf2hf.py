@@ -121,12 +121,15 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
 
 
-def gguf_tokenizer(reader) -> PreTrainedTokenizerFast:
+def gguf_tokenizer(reader) -> PreTrainedTokenizerFast | None:
     """The tokenizer a GGUF file describes, built from its metadata (tokens,
     merges, token types, special-token ids, chat template) with the
-    ``tokenizers`` library. Byte-level BPE (``tokenizer.ggml.model == "gpt2"``,
-    the Llama-3 / SmolLM2 / Qwen2 family) is supported."""
+    ``tokenizers`` library; None if the file has no tokenizer. Byte-level BPE
+    (``tokenizer.ggml.model == "gpt2"``, the Llama-3 / SmolLM2 / Qwen2 family)
+    is supported."""
     kind = _field(reader, "tokenizer.ggml.model")
+    if kind is None:
+        return None
     if kind != "gpt2":
         raise ValueError(f"unsupported GGUF tokenizer {kind!r} (tokenizer.ggml.model); supported: "
                          f"gpt2 (byte-level BPE)")
@@ -176,12 +179,12 @@ def convert(gguf_file, out_dir, *, overwrite: bool = False, progress: bool = Tru
     except Exception as e:
         raise ValueError(f"cannot read {gguf_file} as GGUF: {e}") from e
     config = gguf_config(reader)
-    tokenizer = gguf_tokenizer(reader)
     bad = sorted({f"{t.name} ({t.tensor_type.name})" for t in reader.tensors
                   if t.tensor_type.name not in SUPPORTED_TYPES})
     if bad:
         raise ValueError(f"unsupported GGUF tensor types: {', '.join(bad)}; "
                          f"supported: {', '.join(SUPPORTED_TYPES)}")
+    tokenizer = gguf_tokenizer(reader)
     heads = {"attn_q.weight": config["num_attention_heads"], "attn_k.weight": config["num_key_value_heads"]}
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         tensors = {}
@@ -194,7 +197,8 @@ def convert(gguf_file, out_dir, *, overwrite: bool = False, progress: bool = Tru
             tensors[hf_tensor_name(t.name)] = np.ascontiguousarray(w)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        tokenizer.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
     return config
 
 
