@@ -1,6 +1,6 @@
 """Per-input-channel activation statistics of every Dense layer, from one prompt.
 
-The paper's finding (SPEC §3): one short, hand-written, diverse prompt
+The paper's finding (docs/design.md §3): one short, hand-written, diverse prompt
 calibrates as well as 128 samples of 2048 tokens. ``DEFAULT_PROMPT`` is this
 project's own. Statistics are captured with ``flax.linen.intercept_methods``
 around ``nn.Dense`` calls, so no model code changes.

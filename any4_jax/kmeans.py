@@ -1,7 +1,7 @@
 """Weighted 1-D k-means, one independent problem per row, jitted and vmapped.
 
 The solver never sorts a row (XLA's CPU sort is the main cost of the obvious
-approach, SPEC §6).  Instead each row is summarised by a fine histogram: ``n_bins``
+approach, docs/design.md §4).  Instead each row is summarised by a fine histogram: ``n_bins``
 equal-width bins over the row's range, each bin carrying its total weight and
 its weighted mean.  The bin means are already sorted, so Lloyd's algorithm runs
 on them with prefix sums and ``searchsorted`` — O(n_clusters · log n_bins) per
@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from any4_jax.tables import NF4_TABLE
 
 INITS = ("k-means++", "uniform", "nf4", "random")
 _DEFAULT_N_BINS = 1024
@@ -220,7 +222,6 @@ def _init_centroids(points, pw, x, key, n_clusters, init):
     if init == "uniform":
         return lo + (hi - lo) * jnp.linspace(0.0, 1.0, n_clusters)
     if init == "nf4":
-        from any4_jax.formats import NF4_TABLE  # formats imports this module
         shape = np.interp(np.linspace(0, 15, n_clusters), np.arange(16), NF4_TABLE)
         return lo + (hi - lo) * (jnp.asarray(shape, jnp.float32) + 1) / 2
     if init == "random":

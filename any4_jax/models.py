@@ -5,8 +5,11 @@ Qwen2 (q/k/v biases), Mixtral (top-k mixture of experts) and SmolLM2 (a Llama).
 
 Parameter names follow Hugging Face's (``layers_3/self_attn/q_proj/kernel`` is
 ``model.layers.3.self_attn.q_proj.weight`` transposed), so converting is a loop.
-Every linear layer is made by ``Transformer.dense`` (default ``nn.Dense``):
-``model.clone(dense=QuantDense)`` swaps all of them without editing this file.
+Every linear layer is made by ``Transformer.dense``, called as
+``dense(features, use_bias=, dtype=, name=, parallel=)`` (default
+``float_dense``, an ``nn.Dense``): a quantized model swaps them all with
+``model.clone(dense=...)`` without editing this file. ``parallel`` says how the
+model splits each layer over a mesh's model axis (``PARALLEL``, docs/design.md §6).
 """
 
 from __future__ import annotations
@@ -21,6 +24,17 @@ import jax.numpy as jnp
 import numpy as np
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral")
+# How each linear layer is split for tensor parallelism (Megatron style): column
+# = output features split, row = input features split (partial sums added).
+PARALLEL = {"q_proj": "column", "k_proj": "column", "v_proj": "column", "o_proj": "row",
+            "gate_proj": "column", "up_proj": "column", "down_proj": "row",
+            "w1": "column", "w3": "column", "w2": "row", "lm_head": "column", "gate": None}
+
+
+def float_dense(features, *, use_bias=True, dtype=None, name=None, parallel=None):
+    """The default ``dense`` factory: a plain ``nn.Dense`` (``parallel`` is only
+    used by the partition rules, which read it from ``PARALLEL``)."""
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +162,8 @@ class Attention(nn.Module):
         ``(k, v, index)`` with k/v ``(B, S, Hkv, D)`` to write this step into."""
         c = self.config
         b, t, _ = x.shape
-        dense = lambda n, name, bias: self.dense(n, use_bias=bias, dtype=self.dtype, name=name)
+        dense = lambda n, name, bias: self.dense(n, use_bias=bias, dtype=self.dtype, name=name,
+                                                 parallel=PARALLEL[name])
         q = dense(c.num_attention_heads * c.head_dim, "q_proj", c.attention_bias)(x)
         k = dense(c.num_key_value_heads * c.head_dim, "k_proj", c.attention_bias)(x)
         v = dense(c.num_key_value_heads * c.head_dim, "v_proj", c.attention_bias)(x)
@@ -184,7 +199,7 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        gate, up, down = (self.dense(n, use_bias=False, dtype=self.dtype, name=name)
+        gate, up, down = (self.dense(n, use_bias=False, dtype=self.dtype, name=name, parallel=PARALLEL[name])
                           for n, name in zip((self.intermediate, self.intermediate, self.hidden), self.names))
         return down(nn.silu(gate(x)) * up(x))
 
@@ -199,7 +214,8 @@ class SparseMoe(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        logits = self.dense(c.num_local_experts, use_bias=False, dtype=self.dtype, name="gate")(x)
+        logits = self.dense(c.num_local_experts, use_bias=False, dtype=self.dtype, name="gate",
+                            parallel=PARALLEL["gate"])(x)
         probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
         top, idx = jax.lax.top_k(probs, c.num_experts_per_tok)
         top = top / top.sum(-1, keepdims=True)
@@ -241,7 +257,7 @@ class Transformer(nn.Module):
     """
     config: ModelConfig
     dtype: Any = jnp.float32
-    dense: Callable = nn.Dense
+    dense: Callable = float_dense
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
@@ -278,7 +294,8 @@ class Transformer(nn.Module):
         if c.tie_word_embeddings:
             logits = embed.attend(x)
         else:
-            logits = self.dense(c.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head")(x)
+            logits = self.dense(c.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head",
+                                parallel=PARALLEL["lm_head"])(x)
         logits = logits.astype(jnp.float32)
         if cache is None:
             return logits

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from any4_jax.formats import QuantizedWeight, quantize_tensor
-from any4_jax.layers import qmatmul
+from any4_jax.layers import quantized_dense
 
 
 class QuantLinear(nnx.Module):
@@ -16,7 +16,7 @@ class QuantLinear(nnx.Module):
     ``QuantLinear.from_linear(linear, fmt="any4", group_size=128, ...)``.
     """
 
-    def __init__(self, qw: QuantizedWeight, bias=None, *, dtype=None):
+    def __init__(self, qw: QuantizedWeight, bias=None, *, dtype=None, matmul: str = "auto"):
         self.codes = nnx.Param(qw.codes)
         self.lut = nnx.Param(qw.lut)
         self.scales = nnx.Param(qw.scales)
@@ -24,6 +24,7 @@ class QuantLinear(nnx.Module):
         self.bias = None if bias is None else nnx.Param(jnp.asarray(bias))
         self.meta = (qw.shape, qw.bits, qw.group_size, qw.fmt)  # static
         self.dtype = dtype
+        self.matmul = matmul  # the qmatmul path
 
     @property
     def weight(self) -> QuantizedWeight:
@@ -37,8 +38,5 @@ class QuantLinear(nnx.Module):
         return cls(qw, bias, dtype=linear.dtype)
 
     def __call__(self, x):
-        dtype = self.dtype or x.dtype
-        y = qmatmul(x.astype(dtype), self.weight)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(dtype)
-        return y
+        bias = None if self.bias is None else self.bias[...]
+        return quantized_dense(x, self.weight, bias, dtype=self.dtype, path=self.matmul)

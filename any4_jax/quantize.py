@@ -1,9 +1,18 @@
-"""Float params -> quantized params, for any Flax Linen model with ``nn.Dense`` layers."""
+"""Float params -> quantized params, for any Flax Linen model with ``nn.Dense`` layers.
+
+How the weights are made is a ``Recipe`` (versioned, written to checkpoints);
+how a quantized layer computes and where it runs is a ``QuantDenseFactory``
+(the recipe, a matmul path and an optional mesh). ``add_arguments`` /
+``from_arguments`` are the command-line flags for both the ``any4`` CLI and
+``python -m converters.hf2flax --quantize``.
+"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -12,8 +21,78 @@ import numpy as np
 from tqdm import tqdm
 
 from any4_jax import calibrate
-from any4_jax.formats import FORMATS, GROUP_SIZES, QuantizedWeight, dequantize, quantize_tensor
-from any4_jax.layers import QuantDenseFactory, qmatmul
+from any4_jax.formats import (STORAGE_DTYPES, QuantizedWeight, check_group_size, check_storage_dtype,
+                              dequantize, get_format, quantize_tensor)
+from any4_jax.layers import QuantDense, check_matmul_path, quantized_dense
+from any4_jax.models import float_dense
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How quantized weights were made; a checkpoint records it (``to_dict``)
+    and loading validates it (``from_dict``). It fixes the parameter shapes.
+
+    ``calibration`` describes the data (``"default"`` = the built-in prompt,
+    ``None`` = none, else e.g. ``"prompt (812 chars)"``); the data itself is an
+    argument of ``quantize_model``.
+    """
+
+    VERSION: ClassVar[int] = 1
+
+    fmt: str = "any4"
+    group_size: int | None = 128
+    storage_dtype: str = "bfloat16"
+    skip: tuple[str, ...] = ("lm_head",)
+    calibration: str | None = "default"
+    statistic: str = "abs_mean"
+    scale_sample_weight: bool = True
+    sequential: bool = False
+
+    def __post_init__(self):
+        get_format(self.fmt)
+        check_group_size(self.group_size)
+        object.__setattr__(self, "storage_dtype", check_storage_dtype(self.storage_dtype).name)
+        object.__setattr__(self, "skip", tuple(self.skip or ()))
+        if self.statistic not in calibrate.STATISTICS:
+            raise ValueError(f"unknown statistic {self.statistic!r}; accepted: {', '.join(calibrate.STATISTICS)}")
+
+    def to_dict(self) -> dict:
+        return {"recipe_version": self.VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        """The recipe a checkpoint recorded; a ValueError names an unknown version or field."""
+        d = dict(d)
+        version = d.pop("recipe_version", None)
+        if version != cls.VERSION:
+            raise ValueError(f"recipe_version {version!r} is not one this any4-jax reads ({cls.VERSION})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown, missing = sorted(set(d) - names), sorted(names - set(d))
+        if unknown or missing:
+            raise ValueError(f"recipe (version {version}) has unknown field(s) {unknown} and lacks "
+                             f"field(s) {missing}; expected exactly: {', '.join(sorted(names))}")
+        return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantDenseFactory:
+    """The ``dense`` of a quantized ``Transformer``: ``QuantDense`` layers with the
+    recipe's shapes everywhere but the layers in ``recipe.skip`` (plain Dense).
+    ``matmul`` is the ``qmatmul`` path; with a ``mesh``, kernel matmuls run per shard."""
+
+    recipe: Recipe
+    matmul: str = "auto"
+    mesh: Any = None
+
+    def __post_init__(self):
+        check_matmul_path(self.matmul)
+
+    def __call__(self, features, *, use_bias=True, dtype=None, name=None, parallel=None):
+        r = self.recipe
+        if name in r.skip:
+            return float_dense(features, use_bias=use_bias, dtype=dtype, name=name)
+        return QuantDense(features, use_bias, dtype, r.fmt, r.group_size, r.storage_dtype, self.matmul,
+                          parallel, self.mesh, name=name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,27 +103,24 @@ class QuantizedModel:
     get ``QuantDense`` layers instead.)"""
 
     model: Any
+    recipe: Recipe | None = None
+    matmul: str = "auto"
 
     def apply(self, variables, *args, **kwargs):
-        with nn.intercept_methods(_quantized_dense_interceptor):
+        def interceptor(next_fun, args, kwargs, context):
+            module = context.module
+            if isinstance(module, nn.Dense) and context.method_name == "__call__":
+                kernel = module.get_variable("params", "kernel")
+                if isinstance(kernel, QuantizedWeight):
+                    bias = module.get_variable("params", "bias") if module.use_bias else None
+                    return quantized_dense(args[0], kernel, bias, dtype=module.dtype, path=self.matmul)
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(interceptor):
             return self.model.apply(variables, *args, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self.model, name)
-
-
-def _quantized_dense_interceptor(next_fun, args, kwargs, context):
-    module = context.module
-    if isinstance(module, nn.Dense) and context.method_name == "__call__":
-        kernel = module.get_variable("params", "kernel")
-        if isinstance(kernel, QuantizedWeight):
-            x = args[0]
-            dtype = module.dtype or x.dtype
-            y = qmatmul(x.astype(dtype), kernel)
-            if module.use_bias:
-                y = y + module.get_variable("params", "bias").astype(dtype)
-            return y
-    return next_fun(*args, **kwargs)
 
 
 def calibration_inputs(calibration, tokenizer):
@@ -73,7 +149,8 @@ def calibration_inputs(calibration, tokenizer):
 def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None = 128,
                    skip=("lm_head",), calibration="default", statistic: str = "abs_mean",
                    scale_sample_weight: bool = True, sequential: bool = False, tokenizer=None,
-                   key=None, storage_dtype: str = "bfloat16", progress: bool = True, **kmeans_options):
+                   key=None, storage_dtype: str = "bfloat16", progress: bool = True, matmul: str = "auto",
+                   **kmeans_options):
     """Quantize every Dense layer of ``model`` except those named in ``skip``.
 
     Returns ``(qmodel, qparams)``: ``qmodel.apply({"params": qparams}, x)`` runs
@@ -83,14 +160,13 @@ def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None =
     (``abs_mean``, ``mean_abs`` or ``rms``) from one forward pass of the float
     model; ``sequential=True`` re-runs that pass before each layer on the
     partially quantized model, as the original did (one pass per layer: slower).
+    ``storage_dtype`` is the dtype of the stored LUTs, scales and zeros;
+    ``matmul`` the ``qmatmul`` path of the returned model. The fields become the
+    model's ``Recipe``; ``kmeans_options`` go to ``quantize_tensor``.
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; accepted: {', '.join(FORMATS)}")
-    if group_size not in GROUP_SIZES:
-        raise ValueError(f"unsupported group_size {group_size!r}; accepted: {', '.join(map(str, GROUP_SIZES))}")
-    if statistic not in calibrate.STATISTICS:
-        raise ValueError(f"unknown statistic {statistic!r}; accepted: {', '.join(calibrate.STATISTICS)}")
-    skip = tuple(skip or ())
+    recipe = Recipe(fmt, group_size, storage_dtype, skip, _describe(calibration), statistic,
+                    scale_sample_weight, sequential)
+    skip = recipe.skip
     key = jax.random.PRNGKey(0) if key is None else key
     inputs = calibration_inputs(calibration, tokenizer)
 
@@ -122,10 +198,8 @@ def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None =
     for path, qw in quantized.items():
         _get(qparams, path)["kernel"] = qw
     if hasattr(model, "dense") and hasattr(model, "clone"):
-        recipe = QuantDenseFactory(fmt, group_size, skip, storage_dtype, _describe(calibration),
-                                   statistic, scale_sample_weight, sequential)
-        return model.clone(dense=recipe), qparams
-    return QuantizedModel(model), qparams
+        return model.clone(dense=QuantDenseFactory(recipe, matmul)), qparams
+    return QuantizedModel(model, recipe, matmul), qparams
 
 
 def quantized_weights(params) -> list[QuantizedWeight]:
@@ -138,6 +212,35 @@ def bits_per_weight(params) -> float:
     qws = quantized_weights(params)
     count = sum(q.shape[0] * q.shape[1] for q in qws)
     return round(8 * sum(q.nbytes for q in qws) / max(count, 1), 4)
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    """The quantization flags, shared by ``any4 quantize`` and ``python -m converters.hf2flax``."""
+    p.add_argument("--group-size", default="128", help="32, 64, 128, 256, 512, 1024 or 'none' (one group a row)")
+    p.add_argument("--calibration", default="default",
+                   help="'default' (the built-in one-prompt calibration), a text FILE, or 'none'")
+    p.add_argument("--statistic", default="abs_mean", choices=calibrate.STATISTICS,
+                   help="per-input-channel activation statistic (default abs_mean, the paper's)")
+    p.add_argument("--sequential", action="store_true",
+                   help="re-calibrate before each layer on the partially quantized model (slower)")
+    p.add_argument("--storage-dtype", default="bfloat16", choices=STORAGE_DTYPES,
+                   help="dtype of the stored LUTs, scales and zeros (default bfloat16: ~4.25 bits/weight at G=128)")
+    p.add_argument("--seed", type=int, default=0, help="k-means seed")
+
+
+def from_arguments(args) -> dict:
+    """``quantize_model`` keyword arguments from the flags of ``add_arguments``."""
+    group = None if str(args.group_size).lower() == "none" else int(args.group_size)
+    cal = args.calibration
+    if cal.lower() == "none":
+        cal = None
+    elif cal != "default":
+        path = Path(cal)
+        if not path.is_file():
+            raise FileNotFoundError(f"--calibration {cal}: not 'default', 'none' or an existing text file")
+        cal = path.read_text()
+    return dict(group_size=group, calibration=cal, statistic=args.statistic, sequential=args.sequential,
+                storage_dtype=args.storage_dtype, key=jax.random.PRNGKey(args.seed))
 
 
 def _describe(calibration):

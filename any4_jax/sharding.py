@@ -14,7 +14,8 @@ weights over ``model`` (tensor parallelism, Megatron style):
   Mixtral's experts are tensor-parallel inside each expert (every expert on
   every device), not expert-parallel.
 
-Inference needs nothing else: ``jax.jit`` of ``model.apply`` on sharded params
+Which layer is which comes from the model (``models.PARALLEL``). Inference
+needs nothing else: ``jax.jit`` of ``model.apply`` on sharded params
 lets XLA partition the rest (GSPMD). ``shard_params`` checks every layer first
 and names the one whose size a mesh axis does not divide.
 """
@@ -22,15 +23,13 @@ and names the one whose size a mesh axis does not divide.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from any4_jax.formats import QuantizedWeight
+from any4_jax.models import PARALLEL
 
 DATA, MODEL = "data", "model"
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "w1", "w3")
-ROW_PARALLEL = ("o_proj", "down_proj", "w2")
 
 
 def make_mesh(data: int = 1, model: int | None = None, devices=None) -> Mesh:
@@ -47,6 +46,7 @@ def make_mesh(data: int = 1, model: int | None = None, devices=None) -> Mesh:
 def _spec_for(path: tuple[str, ...], leaf, tp: int):
     """The PartitionSpec(s) of one parameter, or a ValueError naming it."""
     layer, name = (path[-2] if len(path) > 1 else ""), path[-1]
+    parallel = PARALLEL.get(layer)
     where = "/".join(path)
 
     def need(size, what):
@@ -56,7 +56,7 @@ def _spec_for(path: tuple[str, ...], leaf, tp: int):
 
     if isinstance(leaf, QuantizedWeight):
         n, k = leaf.shape
-        if layer in ROW_PARALLEL:
+        if parallel == "row":
             need(leaf.n_groups, "its number of groups along K")
             if k % leaf.group_size:
                 raise ValueError(f"layer {where}: K = {k} is not a multiple of the group size "
@@ -65,7 +65,7 @@ def _spec_for(path: tuple[str, ...], leaf, tp: int):
             split = P(None, MODEL)
             return QuantizedWeight(split, P(None, None), split, split, leaf.shape, leaf.bits,
                                    leaf.group_size, leaf.fmt)
-        if layer in COLUMN_PARALLEL or layer == "lm_head":
+        if parallel == "column":
             need(n, "its output features N")
             rows = P(MODEL, None)
             return QuantizedWeight(rows, rows, rows, rows, leaf.shape, leaf.bits, leaf.group_size, leaf.fmt)
@@ -74,13 +74,13 @@ def _spec_for(path: tuple[str, ...], leaf, tp: int):
         need(leaf.shape[0], "its vocabulary size")
         return P(MODEL, None)
     if name == "kernel":
-        if layer in COLUMN_PARALLEL or layer == "lm_head":
+        if parallel == "column":
             need(leaf.shape[1], "its output features N")
             return P(None, MODEL)
-        if layer in ROW_PARALLEL:
+        if parallel == "row":
             need(leaf.shape[0], "its input features K")
             return P(MODEL, None)
-    if name == "bias" and layer in COLUMN_PARALLEL:
+    if name == "bias" and parallel == "column":
         need(leaf.shape[0], "its bias length")
         return P(MODEL)
     return P()
@@ -114,37 +114,3 @@ def shard_params(params, mesh: Mesh):
 def shard_batch(x, mesh: Mesh):
     """Split a ``(B, ...)`` batch over the mesh's data axis."""
     return jax.device_put(x, NamedSharding(mesh, P(DATA, *([None] * (np.ndim(x) - 1)))))
-
-
-def per_shard_qmatmul(x, qw: QuantizedWeight, mesh: Mesh, parallel: str):
-    """``qmatmul`` on the Pallas kernel, run on each shard with ``shard_map``
-    (a custom kernel is opaque to XLA's partitioner, which would gather whole
-    weights to every device). ``parallel``: ``"column"`` (rows of W split; the
-    output comes out split along N) or ``"row"`` (K split; the partial products
-    are summed with ``psum``). The batch dimension is split over ``data`` when
-    it divides."""
-    from any4_jax.layers import qmatmul
-
-    n, k = qw.shape
-    tp = mesh.shape[MODEL]
-    batch = DATA if x.shape[0] % mesh.shape[DATA] == 0 else None
-    middle = (None,) * (x.ndim - 2)
-    if parallel == "column":
-        x_spec, w_spec, lut_spec = P(batch, *middle, None), P(MODEL, None), P(MODEL, None)
-        out_spec, local_shape = P(batch, *middle, MODEL), (n // tp, k)
-    elif parallel == "row":
-        x_spec, w_spec, lut_spec = P(batch, *middle, MODEL), P(None, MODEL), P(None, None)
-        out_spec, local_shape = P(batch, *middle, None), (n, k // tp)
-    else:
-        raise ValueError(f"parallel must be 'column' or 'row'; got {parallel!r}")
-
-    def local(x, codes, lut, scales, zeros):
-        w = QuantizedWeight(codes, lut, scales, zeros, local_shape, qw.bits, qw.group_size, qw.fmt)
-        y = qmatmul(x, w, path="kernel")
-        if parallel == "row":
-            y = jax.lax.psum(y.astype(jnp.float32), MODEL).astype(x.dtype)
-        return y
-
-    # check_vma=False: a pallas_call does not say how its output varies over the mesh
-    return jax.shard_map(local, mesh=mesh, in_specs=(x_spec, w_spec, lut_spec, w_spec, w_spec),
-                         out_specs=out_spec, check_vma=False)(x, qw.codes, qw.lut, qw.scales, qw.zeros)

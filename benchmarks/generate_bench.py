@@ -18,7 +18,7 @@ import numpy as np
 
 from any4_jax import assets, load_model
 from any4_jax.generate import generate_ids
-from any4_jax.layers import QuantDenseFactory
+from any4_jax.quantize import QuantDenseFactory, Recipe
 from any4_jax.models import ModelConfig, Transformer, param_shapes
 from any4_jax.quantize import quantize_model
 
@@ -74,7 +74,7 @@ def main():
     if args.llama8b:
         config = ModelConfig.from_hf(LLAMA3_8B)
         fmodel = Transformer(config, dtype=jnp.bfloat16)
-        qmodel = fmodel.clone(dense=QuantDenseFactory("any4", 128, ("lm_head",), "bfloat16"))
+        qmodel = fmodel.clone(dense=QuantDenseFactory(Recipe("any4", 128)))
         prompt = rng.integers(0, config.vocab_size, args.prompt_len).tolist()
         for variant, m in [("bfloat16", fmodel), ("any4", qmodel)]:
             prm = random_params(m, jax.random.PRNGKey(0), jnp.bfloat16)

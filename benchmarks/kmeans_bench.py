@@ -2,7 +2,7 @@
 
     python benchmarks/kmeans_bench.py [--rows 4096] [--cols 4096] [--sklearn-rows 256]
 
-Data: a heavy-tailed (Student-t) weight matrix, group-scaled as SPEC §2
+Data: a heavy-tailed (Student-t) weight matrix, group-scaled as docs/design.md §2
 (G = 128), element weights = |activation statistic| x group scale.
 Baseline: scikit-learn KMeans(16, init="k-means++", n_init=1) per row with
 sample weights, rows spread over all cores with joblib (what the original

@@ -33,7 +33,7 @@ def worker(n, rows, cols):
 
     from any4_jax import quantize_tensor
     from any4_jax.generate import _decode_step
-    from any4_jax.layers import QuantDenseFactory
+    from any4_jax.quantize import QuantDenseFactory, Recipe
     from any4_jax.models import ModelConfig, Transformer, init_cache
     from any4_jax.sharding import make_mesh, shard_params
     from benchmarks.generate_bench import random_params
@@ -52,7 +52,7 @@ def worker(n, rows, cols):
                                       num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=8))
     latency = {}
     for name, model in [("float", Transformer(config)),
-                        ("any4", Transformer(config).clone(dense=QuantDenseFactory("any4", 128)))]:
+                        ("any4", Transformer(config).clone(dense=QuantDenseFactory(Recipe("any4", 128))))]:
         params = shard_params(random_params(model, jax.random.PRNGKey(0), jnp.float32), mesh)
         cache = init_cache(config, 8, 256)
         token, pos = jnp.zeros(8, jnp.int32), jnp.zeros(8, jnp.int32)

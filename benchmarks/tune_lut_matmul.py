@@ -12,6 +12,7 @@ import argparse
 import itertools
 import json
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,8 @@ import numpy as np
 
 from benchmarks.matmul_bench import SHAPES, quantized, timed
 from pallas_kernels import lut_matmul as lm
+
+TUNED_FILE = Path(lm.__file__).with_name("tuned_blocks.json")  # the package's own table
 
 
 def candidates(m):
@@ -39,7 +42,7 @@ def main():
     args = p.parse_args()
     if jax.devices()[0].platform != "gpu":
         raise SystemExit("tuning needs a GPU")
-    table = lm._load_tuned()
+    table = dict(lm.tuned_blocks())
     start = time.perf_counter()
     rng = np.random.default_rng(0)
     key = jax.random.PRNGKey(0)
@@ -68,7 +71,7 @@ def main():
         if best:
             table[lm._tuned_key(m, n, k, 128, 4, strategy)] = best[1]
             print(f"M={m} {k}->{n} {strategy}: {best[0] * 1e6:.1f} us with {best[1]}", flush=True)
-            lm._TUNED_FILE.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+            TUNED_FILE.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

@@ -21,13 +21,13 @@ import time
 from pathlib import Path
 
 import jax.numpy as jnp
+from safetensors import safe_open
 from tqdm import tqdm
 
-from any4_jax.checkpoint import save_model
-from any4_jax.cli import add_quantize_arguments, quantize_kwargs
+from any4_jax import quantize
+from any4_jax.checkpoint import load_tokenizer, save_model
 from any4_jax.formats import FORMATS
 from any4_jax.models import ModelConfig, Transformer, param_shapes
-from any4_jax.quantize import quantize_model
 
 DTYPES = ("float32", "bfloat16")
 
@@ -71,7 +71,6 @@ class TensorReader:
 
     def _open(self, path: Path):
         if path not in self._handles:
-            from safetensors import safe_open
             try:
                 self._handles[path] = safe_open(str(path), framework="flax")
             except Exception as e:  # safetensors raises its own error types
@@ -120,9 +119,9 @@ def load_hf_params(model_dir, dtype: str = "float32", progress: bool = True):
 
 
 def convert(model_dir, out_dir, *, dtype: str = "float32", overwrite: bool = False, progress: bool = True,
-            quantize: str | None = None, group_size: int | None = 128, calibration="default",
+            fmt: str | None = None, group_size: int | None = 128, calibration="default",
             **quantize_options) -> dict:
-    """Convert (and, with ``quantize=FMT``, quantize) ``model_dir`` into
+    """Convert (and, with ``fmt=FORMAT``, quantize) ``model_dir`` into
     ``out_dir``, written atomically. ``calibration``: ``"default"``, a prompt
     string, or ``None``; ``quantize_options`` go to ``quantize_model``.
     Returns the manifest (plus ``seconds``)."""
@@ -131,23 +130,16 @@ def convert(model_dir, out_dir, *, dtype: str = "float32", overwrite: bool = Fal
         raise FileExistsError(f"output directory {out_dir} already exists; pass --overwrite to replace it")
     start = time.perf_counter()
     hf_config, config, params = load_hf_params(model_dir, dtype, progress)
-    tokenizer = _load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     model = Transformer(config, dtype=jnp.dtype(dtype))
-    if quantize:
-        model, params = quantize_model(model, params, fmt=quantize, group_size=group_size,
-                                       calibration=calibration, tokenizer=tokenizer, progress=progress,
-                                       **quantize_options)
+    if fmt:
+        model, params = quantize.quantize_model(model, params, fmt=fmt, group_size=group_size,
+                                                calibration=calibration, tokenizer=tokenizer, progress=progress,
+                                                **quantize_options)
     manifest = save_model(out_dir, model, params, tokenizer, overwrite=overwrite,
                           source=model_dir.absolute(), hf_config=hf_config)
     manifest["seconds"] = round(time.perf_counter() - start, 2)
     return manifest
-
-
-def _load_tokenizer(model_dir: Path):
-    if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return None
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(model_dir))
 
 
 def _flatten(tree, prefix=()):
@@ -173,12 +165,12 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="parameter dtype (default float32)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--quantize", choices=FORMATS, help="also quantize every linear layer but lm_head to this format")
-    add_quantize_arguments(p)
+    quantize.add_arguments(p)
     args = p.parse_args(argv)
     try:
-        options = quantize_kwargs(args) if args.quantize else {}
+        options = quantize.from_arguments(args) if args.quantize else {}
         m = convert(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite,
-                    quantize=args.quantize, **options)
+                    fmt=args.quantize, **options)
     except (FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@ Codes are packed two per byte along K (element ``2i`` in the low nibble), the
 layout of ``any4_jax.QuantizedWeight``; this package imports nothing from
 ``any4_jax`` and takes the arrays plus static ``k`` and ``group_size``.
 
-The zero term leaves the kernel entirely (SPEC §5):
+The zero term leaves the kernel entirely (docs/design.md §5):
 ``Σ_g z[n,g] Σ_{k∈g} x[k]`` is a tiny ``(M, n_groups) @ (n_groups, N)`` matmul
 done by XLA. The kernel computes ``Σ_k x[k] · lut[n, code] · s[n, g(k)]``:
 
@@ -19,7 +19,7 @@ done by XLA. The kernel computes ``Σ_k x[k] · lut[n, code] · s[n, g(k)]``:
   weight is dequantized to x's dtype and multiplied on the tensor cores with
   ``jnp.dot`` (float32 accumulation).
 
-Lookup strategies (both lower to Triton, SPEC §5): ``"gather"`` — a
+Lookup strategies (both lower to Triton, docs/design.md §5): ``"gather"`` — a
 pointer-indexed load from the flat LUT at ``row * 2**bits + code``; ``"select"``
 — the LUT row is loaded as ``2**bits`` column vectors and a select tree on the
 code bits picks the value.
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import json
-from pathlib import Path
+from importlib import resources
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +43,6 @@ from jax.experimental.pallas import triton as pltr
 
 STRATEGIES = ("gather", "select")
 DECODE_MAX_M = 16
-_TUNED_FILE = Path(__file__).with_name("tuned_blocks.json")
 
 
 # ---------------------------------------------------------------------------
@@ -65,13 +64,11 @@ def lut_matmul_reference(x, codes, lut, scales, zeros, *, k: int, group_size: in
 # Block sizes: a tuned table (benchmarks/tune_lut_matmul.py fills it on a GPU),
 # else a heuristic.
 
-def _load_tuned() -> dict:
-    if _TUNED_FILE.exists():
-        return json.loads(_TUNED_FILE.read_text())
-    return {}
-
-
-_TUNED = _load_tuned()
+@functools.lru_cache(maxsize=1)
+def tuned_blocks() -> dict:
+    """The tuned block table, package data ``pallas_kernels/tuned_blocks.json``
+    (``benchmarks/tune_lut_matmul.py`` writes it on a GPU; empty = heuristic)."""
+    return json.loads(resources.files(__package__).joinpath("tuned_blocks.json").read_text())
 
 
 def _pow2_at_most(n: int) -> int:
@@ -87,7 +84,7 @@ def block_config(m: int, n: int, k: int, group_size: int, bits: int = 4, strateg
     """Block sizes, warps and stages for a shape: the tuned table's entry if any,
     else a heuristic. Keys: block_n, block_k (in elements, even), split_k,
     block_m (prefill), num_warps, num_stages."""
-    tuned = _TUNED.get(_tuned_key(m, n, k, group_size, bits, strategy))
+    tuned = tuned_blocks().get(_tuned_key(m, n, k, group_size, bits, strategy))
     if tuned:
         return dict(tuned)
     # K blocks never straddle a group when block_k divides the group size.

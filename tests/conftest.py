@@ -11,7 +11,7 @@ def realistic_weight(rng, n, k):
 
 
 def group_scaled(w, group_size, levels=15):
-    """SPEC §2 step 1 in numpy: u in [0, levels] and the per-element group scale."""
+    """docs/design.md §2 (anyN, step 1) in numpy: u in [0, levels] and the per-element group scale."""
     n, k = w.shape
     g = w.reshape(n, k // group_size, group_size)
     mn = g.min(-1, keepdims=True)

@@ -1,4 +1,4 @@
-"""Formats against plain-numpy implementations of the SPEC §2 formulas."""
+"""Formats against plain-numpy implementations of the docs/design.md §2 formulas."""
 
 import jax
 import numpy as np

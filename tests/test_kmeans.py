@@ -33,7 +33,7 @@ def test_objective_matches_scikit_learn(rng, n_init):
     scikit-learn's KMeans(init="k-means++", n_init=1) with the same weights."""
     w, act = realistic_weight(rng, 256, 1024)
     u, scale = group_scaled(w, 128)
-    omega = act[None, :] * scale  # activation x group scale (SPEC §2)
+    omega = act[None, :] * scale  # activation x group scale (docs/design.md §2)
     c, labels = weighted_kmeans_1d(u, omega, 16, key=jax.random.PRNGKey(0), n_init=n_init)
     ours = kmeans_objective(u, omega, c, labels)
     ref = []

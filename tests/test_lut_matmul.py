@@ -1,5 +1,5 @@
 """The Pallas LUT matmul: interpret mode vs the pure-jnp reference, and the
-CPU-side Pallas -> Triton lowering check (SPEC §5)."""
+CPU-side Pallas -> Triton lowering check (docs/design.md §5)."""
 
 import functools
 
@@ -83,25 +83,36 @@ def test_reference_equals_dequantize_then_matmul(rng):
     np.testing.assert_allclose(np.asarray(ref), np.asarray(x) @ np.asarray(dequantize(qw)).T, rtol=1e-5, atol=1e-5)
 
 
-def test_quant_dense_on_kernel_equals_xla_path(rng, monkeypatch):
+def test_quant_dense_on_kernel_equals_xla_path(rng):
     w = (rng.standard_normal((64, 576)) * 0.05).astype(np.float32)
     qw = quantize_tensor(w, "any4", 128)
     params = {"params": {"kernel": qw, "bias": jnp.asarray(rng.standard_normal(64), jnp.float32)}}
     x = jnp.asarray(rng.standard_normal((2, 3, 576)), jnp.float32)
-    layer = QuantDense(64, True, jnp.float32, "any4", 128)
-    monkeypatch.setenv("ANY4_JAX_MATMUL", "kernel")
-    y_kernel = layer.apply(params, x)
-    monkeypatch.setenv("ANY4_JAX_MATMUL", "xla")
-    y_xla = layer.apply(params, x)
+    y_kernel = QuantDense(64, True, jnp.float32, "any4", 128, matmul="kernel").apply(params, x)
+    y_xla = QuantDense(64, True, jnp.float32, "any4", 128, matmul="xla").apply(params, x)
     check(y_kernel, y_xla, jnp.float32)
     np.testing.assert_allclose(np.asarray(qmatmul(x, qw, path="kernel")), np.asarray(y_xla - params["params"]["bias"]),
                                rtol=0, atol=2e-5 * float(jnp.abs(y_xla).max()))
 
 
 def test_matmul_path_errors(monkeypatch):
+    with pytest.raises(ValueError, match="'cuda'; accepted: auto, kernel, xla"):
+        qmatmul(jnp.ones((1, 64)), quantize_tensor(np.ones((8, 64), np.float32), "int4", 32), path="cuda")
+    from any4_jax.cli import matmul_from_env
     monkeypatch.setenv("ANY4_JAX_MATMUL", "cuda")
-    with pytest.raises(ValueError, match="accepted: auto, kernel, xla"):
-        qmatmul(jnp.ones((1, 64)), quantize_tensor(np.ones((8, 64), np.float32), "int4", 32))
+    with pytest.raises(ValueError, match="ANY4_JAX_MATMUL='cuda'; accepted: auto, kernel, xla"):
+        matmul_from_env()
+
+
+def test_matmul_path_is_fixed_when_the_model_is_built_not_while_tracing(rng, monkeypatch):
+    """The environment variable is read by the CLI only: a layer built with
+    matmul="xla" keeps the XLA path whatever the variable says later."""
+    qw = quantize_tensor((rng.standard_normal((64, 576)) * 0.05).astype(np.float32), "any4", 128)
+    x = jnp.asarray(rng.standard_normal((1, 576)), jnp.float32)
+    monkeypatch.setenv("ANY4_JAX_MATMUL", "kernel")
+    import pallas_kernels.lut_matmul as lm
+    monkeypatch.setattr(lm, "_lut_matmul", lambda *a, **k: pytest.fail("the kernel ran on the xla path"))
+    QuantDense(64, False, jnp.float32, "any4", 128, matmul="xla").apply({"params": {"kernel": qw}}, x)
 
 
 @pytest.mark.parametrize("kwargs, match", [

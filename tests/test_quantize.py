@@ -168,3 +168,56 @@ def test_hf2flax_quantize_in_one_step(tiny_model, tmp_path):
     model, params, _ = load_model(tmp_path / "q", require="quantized")
     qws = quantized_weights(params)
     assert len(qws) == 14 and all(q.fmt == "nf4" and q.group_size == 32 for q in qws)
+
+
+@pytest.fixture
+def saved_int4(tiny_model, tmp_path):
+    _, flax_dir = tiny_model("llama")
+    model, params, _ = load_model(flax_dir)
+    qmodel, qparams = quantize_model(model, params, fmt="int4", group_size=32, calibration=None, progress=False)
+    save_model(tmp_path / "q", qmodel, qparams)
+    return tmp_path / "q", np.asarray(qmodel.apply({"params": qparams}, jnp.asarray(IDS)))
+
+
+def _edit_manifest(d, edit):
+    path = d / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def test_manifest_records_a_versioned_recipe(saved_int4):
+    d, _ = saved_int4
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert manifest["format_version"] == 2
+    q = manifest["quantization"]
+    assert q["recipe_version"] == 1 and q["fmt"] == "int4" and q["storage_dtype"] == "bfloat16"
+    assert q["bits_per_weight"] == pytest.approx(4 + 16 * 16 / 64 / 16 + 2 * 16 / 32, abs=0.3)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m["quantization"].update(colour="red"), r"unknown field\(s\) \['colour'\]"),
+    (lambda m: m["quantization"].pop("statistic"), r"lacks field\(s\) \['statistic'\]"),
+    (lambda m: m["quantization"].update(recipe_version=7), "recipe_version 7 is not one this any4-jax reads"),
+    (lambda m: m.update(format_version=9), "format_version 9"),
+    (lambda m: m["quantization"].update(fmt="int5"), "unknown format 'int5'"),
+])
+def test_a_bad_recipe_is_a_checkpoint_error_naming_it(saved_int4, edit, match):
+    d, _ = saved_int4
+    _edit_manifest(d, edit)
+    with pytest.raises(CheckpointError, match=match):
+        load_model(d)
+
+
+def test_a_version_1_manifest_still_loads(saved_int4):
+    """Checkpoints written before the recipe was versioned (format_version 1: the
+    layer factory's fields, no recipe_version) load to the same logits."""
+    d, logits = saved_int4
+
+    def to_v1(m):
+        m["format_version"] = 1
+        del m["quantization"]["recipe_version"]
+
+    _edit_manifest(d, to_v1)
+    model, params, _ = load_model(d)
+    np.testing.assert_array_equal(np.asarray(model.apply({"params": params}, jnp.asarray(IDS))), logits)

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_models import save  # noqa: E402
 
 from any4_jax import load_model, quantize_tensor  # noqa: E402
-from any4_jax import sharding as sh  # noqa: E402
+from any4_jax import layers, sharding as sh  # noqa: E402
 from any4_jax.checkpoint import save_model  # noqa: E402
 from any4_jax.quantize import quantize_model  # noqa: E402
 from converters import hf2flax  # noqa: E402
@@ -110,12 +110,11 @@ def test_kernel_runs_per_shard_under_shard_map(converted, mesh_shape, monkeypatc
     model, params, _ = load_model(converted / "any4")
     ref = np.asarray(model.apply({"params": params}, jnp.asarray(IDS)))
     mesh = sh.make_mesh(*mesh_shape)
-    smodel, sparams, _ = load_model(converted / "any4", mesh=mesh)
-    assert smodel.dense.mesh is mesh
-    monkeypatch.setenv("ANY4_JAX_MATMUL", "kernel")
+    smodel, sparams, _ = load_model(converted / "any4", mesh=mesh, matmul="kernel")
+    assert smodel.dense.mesh is mesh and smodel.dense.matmul == "kernel"
     calls = []
-    original = sh.per_shard_qmatmul
-    monkeypatch.setattr(sh, "per_shard_qmatmul", lambda *a: calls.append(a[3]) or original(*a))
+    original = layers.per_shard_qmatmul
+    monkeypatch.setattr(layers, "per_shard_qmatmul", lambda *a: calls.append(a[3]) or original(*a))
     out = jax.jit(lambda p, x: smodel.apply({"params": p}, x))(sparams, sh.shard_batch(IDS, mesh))
     assert calls.count("column") > 0 and calls.count("row") > 0
     np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=1e-4 * np.abs(ref).max())
