@@ -3,7 +3,7 @@
 from any4_jax.checkpoint import load_model, save_model
 from any4_jax.evaluate import perplexity
 from any4_jax.formats import FORMATS, GROUP_SIZES, Format, QuantizedWeight, dequantize, quantize_tensor
-from any4_jax.generate import generate, generate_text
+from any4_jax.generation import generate, generate_text
 from any4_jax.kmeans import weighted_kmeans_1d
 from any4_jax.layers import QuantDense, qmatmul
 from any4_jax.models import ModelConfig, Transformer

@@ -19,7 +19,7 @@ from any4_jax import assets, quantize
 from any4_jax.checkpoint import CheckpointError, load_model, read_manifest, save_model
 from any4_jax.evaluate import perplexity
 from any4_jax.formats import FORMATS
-from any4_jax.generate import generate, generate_text
+from any4_jax.generation import generate, generate_text
 from any4_jax.layers import MATMUL_PATHS
 from any4_jax.sharding import make_mesh
 from converters import hf2flax

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from any4_jax import assets, load_model
-from any4_jax.generate import generate_ids
+from any4_jax.generation import generate_ids
 from any4_jax.quantize import QuantDenseFactory, Recipe
 from any4_jax.models import ModelConfig, Transformer, param_shapes
 from any4_jax.quantize import quantize_model

@@ -4,11 +4,16 @@
 
 For each group size: float, int4/fp4/nf4, any4 (uncalibrated; calibrated on
 the built-in prompt without and with scale weighting; other statistics;
-sequential), any3/int3, any2/int2 — perplexity on Botchan and on the Lee corpus
-(non-overlapping windows of 1024 tokens) and each run's quantization time.
-The essential rows (the paper's comparison) run first at every group size,
-then the ablations. Results are kept in a JSON file beside the table, rewritten
-after every row; a rerun with the same settings skips the rows it already has.
+sequential; float32 instead of bfloat16 LUT/scale/zero storage), any3/int3,
+any2/int2 — perplexity on Botchan and on the Lee corpus (non-overlapping windows
+of --seq-len tokens) and each run's quantization time. The essential rows (the
+paper's comparison) run first at every group size, then the ablations.
+
+Results are kept in a JSON file beside the table, rewritten after every row and
+keyed by everything that changes a row (model, windows, sequence length, group
+size, configuration with its storage dtype, seed); a rerun skips the rows it
+already has for the same settings. The markdown is rendered from the JSON alone,
+with the rows measured under the current --windows / --seq-len.
 """
 
 import argparse
@@ -23,6 +28,7 @@ import jax
 from any4_jax import assets, load_model
 from any4_jax.evaluate import perplexity
 from any4_jax.quantize import bits_per_weight, quantize_model
+from converters import hf2flax
 
 # (label, quantize_model keyword arguments or None for the float model, essential?)
 # Essential rows (the paper's comparison) run first at every group size.
@@ -34,6 +40,7 @@ CONFIGS = [
     ("any4, no calibration", dict(fmt="any4", calibration=None), False),
     ("any4, calibrated (abs_mean), no scale weighting", dict(fmt="any4", scale_sample_weight=False), False),
     ("any4, calibrated (abs_mean) x scale  [default]", dict(fmt="any4"), True),
+    ("any4, calibrated x scale, float32 LUT/scales/zeros", dict(fmt="any4", storage_dtype="float32"), True),
     ("any4, calibrated (mean_abs) x scale", dict(fmt="any4", statistic="mean_abs"), False),
     ("any4, calibrated (rms) x scale", dict(fmt="any4", statistic="rms"), False),
     ("any4, calibrated x scale, sequential", dict(fmt="any4", sequential=True), False),
@@ -44,18 +51,27 @@ CONFIGS = [
 ]
 STATISTIC_ROWS_ONLY_AT = 128  # the mean_abs / rms comparison runs at one group size
 TEXTS = ("botchan", "lee")
+MODEL = "SmolLM2-135M-Instruct (dequantized Q4_1)"
+SEED = 0
+
+
+def row_key(label, kwargs, g, windows, seq_len) -> str:
+    """Everything that changes a row's numbers (kwargs include the storage dtype)."""
+    config = {"storage_dtype": "bfloat16", **(kwargs or {})} if kwargs is not None else "float"
+    return json.dumps({"model": MODEL, "windows": windows, "seq_len": seq_len, "seed": SEED,
+                       "group_size": None if kwargs is None else g, "label": label, "config": config},
+                      sort_keys=True)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--windows", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--group-sizes", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--group-sizes", type=int, nargs="+", default=[128, 64])
     p.add_argument("--workdir", default=str(assets.cache_dir() / "bench"))
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "quality_smollm2.md"))
     args = p.parse_args()
 
-    from converters import hf2flax
     float_dir = Path(args.workdir) / "smollm2-flax"
     if not (float_dir / "manifest.json").exists():
         hf2flax.convert(assets.smollm2(), float_dir, overwrite=True)
@@ -69,7 +85,8 @@ def main():
         f"(machine: {platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__}).",
         f"Perplexity over {args.windows} non-overlapping windows of {args.seq_len} tokens of each text "
         "(Botchan from the sentencepiece sources; the Lee news corpus from gensim).",
-        "All linear layers but the tied lm_head are quantized; calibration is the built-in one-prompt text.",
+        "All linear layers but the tied lm_head are quantized; calibration is the built-in one-prompt text. "
+        "LUTs, scales and zeros are stored as bfloat16 (the default) unless a row says float32.",
         "",
         "**SmolLM2's released weights are already 4-bit** (llama.cpp Q4_1, blocks of 32): the 'float' row is",
         "their dequantized form, and every other row re-quantizes those weights.",
@@ -85,7 +102,7 @@ def main():
             lines += [f"## Group size {g}", "", "| configuration | Botchan | Lee | bits/weight | quantize s |",
                       "|---|---|---|---|---|"]
             for label, kwargs, _ in CONFIGS:
-                r = results.get("float" if kwargs is None else f"{g}|{label}")
+                r = results.get(row_key(label, kwargs, g, args.windows, args.seq_len))
                 if r:
                     lines.append(f"| {label} | {r['ppl'][0]:.3f} | {r['ppl'][1]:.3f} | {r['bpw']:.2f} | {r['s']:.1f} |")
             lines.append("")
@@ -95,20 +112,20 @@ def main():
     todo = [(g, c) for essential in (True, False) for g in args.group_sizes for c in CONFIGS if c[2] == essential
             and not ("statistic" in (c[1] or {}) and g != STATISTIC_ROWS_ONLY_AT)]
     for g, (label, kwargs, _) in todo:
-        key = "float" if kwargs is None else f"{g}|{label}"
+        key = row_key(label, kwargs, g, args.windows, args.seq_len)
         if key in results:  # resumed: measured by an earlier run with the same settings
             continue
         if kwargs is None:
             m, prm, secs, bpw = model, params, 0.0, 32.0
         else:
             start = time.perf_counter()
-            m, prm = quantize_model(model, params, group_size=g, tokenizer=tok, key=jax.random.PRNGKey(0),
+            m, prm = quantize_model(model, params, group_size=g, tokenizer=tok, key=jax.random.PRNGKey(SEED),
                                     progress=False, **kwargs)
             jax.block_until_ready(prm)
             secs, bpw = time.perf_counter() - start, bits_per_weight(prm)
         ppl = [perplexity(m, prm, ids[t], args.seq_len, args.windows, progress=False) for t in TEXTS]
-        results[key] = {"ppl": ppl, "bpw": bpw, "s": secs, "windows": args.windows}
-        print(key, results[key], flush=True)
+        results[key] = {"ppl": ppl, "bpw": bpw, "s": secs}
+        print(label, g, results[key], flush=True)
         write()
     write()
 

@@ -32,7 +32,7 @@ def worker(n, rows, cols):
     import numpy as np
 
     from any4_jax import quantize_tensor
-    from any4_jax.generate import _decode_step
+    from any4_jax.generation import _decode_step
     from any4_jax.quantize import QuantDenseFactory, Recipe
     from any4_jax.models import ModelConfig, Transformer, init_cache
     from any4_jax.sharding import make_mesh, shard_params

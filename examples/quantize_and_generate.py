@@ -14,7 +14,7 @@ import jax
 from any4_jax import assets, load_model
 from any4_jax.checkpoint import save_model
 from any4_jax.evaluate import perplexity
-from any4_jax.generate import generate_text
+from any4_jax.generation import generate_text
 from any4_jax.quantize import bits_per_weight, quantize_model
 from converters import hf2flax
 

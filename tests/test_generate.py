@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from any4_jax import load_model
-from any4_jax import generate as gen
+from any4_jax import generation as gen
 from any4_jax.quantize import quantize_model
 
 
