@@ -14,6 +14,7 @@ at the end, so a crash never leaves a directory that looks complete.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -25,12 +26,16 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from any4_jax.formats import QuantizedWeight, pack_codes
 from any4_jax.models import ModelConfig, Transformer, param_shapes
 from any4_jax.quantize import QuantDenseFactory, Recipe, bits_per_weight
 from any4_jax.sharding import shardings
 
-# 2: "quantization" holds a versioned Recipe (1: the fields of the old layer factory).
-MANIFEST_VERSION = 2
+# 3: codes in 64-element kernel blocks (pallas_kernels.lut_matmul.pack_codes);
+# 2: "quantization" holds a versioned Recipe, codes packed in pairs (element 2i in the
+#    low nibble); 1: as 2, with the fields of the old layer factory. 1 and 2 load
+#    through _repack_pairs.
+MANIFEST_VERSION = 3
 
 
 class CheckpointError(ValueError):
@@ -88,9 +93,9 @@ def read_manifest(model_dir) -> dict:
     version = manifest.get("format_version")
     if version == 1 and manifest.get("quantization"):  # v1: the same fields, without a version
         manifest["quantization"] = {"recipe_version": 1, **manifest["quantization"]}
-    elif version != MANIFEST_VERSION and version != 1:
+    elif version not in (1, 2, MANIFEST_VERSION):
         raise CheckpointError(f"{d}/manifest.json has format_version {version!r}; this any4-jax reads "
-                              f"1 and {MANIFEST_VERSION} (a newer any4-jax wrote it? upgrade any4-jax)")
+                              f"1 to {MANIFEST_VERSION} (a newer any4-jax wrote it? upgrade any4-jax)")
     return manifest
 
 
@@ -150,7 +155,12 @@ def load_model(model_dir, *, dtype=None, tokenizer: bool = True, require: str | 
     model = Transformer(config, dtype=jnp.dtype(dtype or manifest.get("dtype", "float32")))
     if quant:
         model = model.clone(dense=QuantDenseFactory(manifest_recipe(d, manifest), matmul, mesh))
-    params = _restore(d / "params", param_shapes(model), mesh)
+    if manifest["format_version"] < 3 and quant:  # codes packed in pairs: repack on one device, then place
+        params = _repack_pairs(_restore(d / "params", param_shapes(model)))
+        if mesh is not None:
+            params = jax.device_put(params, shardings(params, mesh))
+    else:
+        params = _restore(d / "params", param_shapes(model), mesh)
     return model, params, load_tokenizer(d) if tokenizer else None
 
 
@@ -163,6 +173,17 @@ def load_tokenizer(model_dir):
     from transformers import AutoTokenizer  # ~2 s to import: only where a tokenizer is read
 
     return AutoTokenizer.from_pretrained(str(d), trust_remote_code=False)
+
+
+def _repack_pairs(params):
+    """Codes of format versions 1-2 (element 2i in the low nibble of byte i) in today's layout."""
+    def repack(qw):
+        if not isinstance(qw, QuantizedWeight):
+            return qw
+        pairs = jnp.stack([qw.codes & 0xF, qw.codes >> 4], axis=-1).reshape(qw.shape[0], -1)[:, :qw.shape[1]]
+        return dataclasses.replace(qw, codes=pack_codes(pairs))
+
+    return jax.tree_util.tree_map(repack, params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
 
 
 def _restore(path: Path, abstract, mesh=None):

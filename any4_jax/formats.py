@@ -3,10 +3,11 @@
     W[n, k] ≈ lut[n, codes[n, k]] * scales[n, k // G] + zeros[n, k // G]
 
 Storage (``QuantizedWeight``):
-  * ``codes``  ``(N, ceil(K / 2))`` uint8: two codes per byte, element ``2i`` in
-    the low nibble and ``2i + 1`` in the high one.  2- and 3-bit codes use the
-    same 4-bit containers (one layout, one kernel); ``bits_per_weight`` counts
-    the storage actually used, so it is honest about that.
+  * ``codes``  ``(N, packed_columns(K))`` uint8: two 4-bit codes a byte, in
+    blocks of 64 elements laid out for the GPU kernel (``pallas_kernels.lut_matmul``
+    defines the order; ``pack_codes`` / ``unpack_codes`` convert). 2- and 3-bit
+    codes use the same 4-bit containers (one layout, one kernel);
+    ``bits_per_weight`` counts the storage actually used, so it is honest about that.
   * ``lut``    ``(N, 2**bits)``: one table per row (int/nf4/fp4 repeat a fixed one).
   * ``scales``, ``zeros``  ``(N, n_groups)`` with ``n_groups = ceil(K / G)``.
   LUT, scales and zeros are stored as bfloat16 by default (``storage_dtype``;
@@ -34,6 +35,7 @@ import numpy as np
 
 from any4_jax import kmeans
 from any4_jax.tables import FP4_TABLE, NF4_TABLE
+from pallas_kernels.lut_matmul import pack_codes, packed_columns, unpack_codes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +101,7 @@ class QuantizedWeight:
     ``group_size`` is the actual group length (K when quantized with ``None``).
     """
 
-    codes: jax.Array   # (N, ceil(K/2)) uint8, two codes per byte
+    codes: jax.Array   # (N, packed_columns(K)) uint8, two codes per byte (kernel layout)
     lut: jax.Array     # (N, 2**bits)
     scales: jax.Array  # (N, n_groups)
     zeros: jax.Array   # (N, n_groups)
@@ -114,7 +116,7 @@ class QuantizedWeight:
         bits, g = get_format(fmt).bits, k if group_size is None else group_size
         dtype = check_storage_dtype(storage_dtype)
         groups = (n, cdiv(k, g))
-        return cls(jnp.zeros((n, cdiv(k, 2)), jnp.uint8), jnp.zeros((n, 2 ** bits), dtype),
+        return cls(jnp.zeros((n, packed_columns(k)), jnp.uint8), jnp.zeros((n, 2 ** bits), dtype),
                    jnp.zeros(groups, dtype), jnp.zeros(groups, dtype), (n, k), bits, g, fmt)
 
     @property
@@ -129,20 +131,6 @@ class QuantizedWeight:
     @property
     def bits_per_weight(self) -> float:
         return 8.0 * self.nbytes / (self.shape[0] * self.shape[1])
-
-
-def pack_codes(codes):
-    """``(N, K)`` ints in [0, 16) -> ``(N, ceil(K/2))`` uint8."""
-    codes = jnp.asarray(codes, jnp.uint8)
-    if codes.shape[1] % 2:
-        codes = jnp.pad(codes, ((0, 0), (0, 1)))
-    return codes[:, 0::2] | (codes[:, 1::2] << 4)
-
-
-def unpack_codes(packed, k: int):
-    """``(N, ceil(K/2))`` uint8 -> ``(N, K)`` uint8."""
-    both = jnp.stack([packed & 0xF, packed >> 4], axis=-1)
-    return both.reshape(packed.shape[0], -1)[:, :k]
 
 
 def dequantize(qw: QuantizedWeight, dtype=jnp.float32):

@@ -8,7 +8,8 @@ weights over ``model`` (tensor parallelism, Megatron style):
   ``QuantizedWeight`` (N, K) has codes, LUT, scales and zeros split by rows.
 * row-parallel (o/down, Mixtral's w2): the input features K are split — a float
   kernel as ``P("model", None)``; quantized codes, scales and zeros along K with
-  whole groups on each shard, the LUT (one per row) replicated. XLA adds the
+  whole groups and whole 64-element code blocks on each shard, the LUT (one per
+  row) replicated. XLA adds the
   partial products (an all-reduce).
 * embeddings and lm_head by vocabulary; norms and Mixtral's router replicated.
   Mixtral's experts are tensor-parallel inside each expert (every expert on
@@ -28,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from any4_jax.formats import QuantizedWeight
 from any4_jax.models import PARALLEL
+from pallas_kernels.lut_matmul import CODE_BLOCK
 
 DATA, MODEL = "data", "model"
 
@@ -61,7 +63,10 @@ def _spec_for(path: tuple[str, ...], leaf, tp: int):
             if k % leaf.group_size:
                 raise ValueError(f"layer {where}: K = {k} is not a multiple of the group size "
                                  f"{leaf.group_size}, so its groups cannot be split evenly over {tp} shards")
-            need(k // 2, "K / 2 (packed code columns)")
+            if k % CODE_BLOCK:
+                raise ValueError(f"layer {where}: K = {k} is not a multiple of the {CODE_BLOCK}-element code "
+                                 f"blocks, so its codes cannot be split along K")
+            need(k // CODE_BLOCK, f"its number of {CODE_BLOCK}-element code blocks along K")
             split = P(None, MODEL)
             return QuantizedWeight(split, P(None, None), split, split, leaf.shape, leaf.bits,
                                    leaf.group_size, leaf.fmt)

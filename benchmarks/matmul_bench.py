@@ -1,14 +1,17 @@
-"""Batch-1 decode matmul speed: the Pallas LUT kernel vs bf16 and vs XLA dequantize+dot.
+"""Quantized matmul speed on a GPU: the Pallas LUT kernel vs bf16 and vs the library's XLA path.
 
-    python benchmarks/matmul_bench.py [--m 1 4 16] [--out FILE.md] [--quick]
+    python -m benchmarks.matmul_bench [--m 1 16 64] [--out FILE.md] [--quick]
 
-Shapes (K -> N): 4096->4096, 8192->8192 and Llama-3-8B's 4096->14336,
-14336->4096, 4096->6144; formats any4 and int4 (G = 128, bf16 LUT/scales/zeros
-as the kernel would serve them). Columns: bf16 ``jnp.dot`` (XLA / cuBLAS), XLA
-dequantize + dot, the kernel with each lookup strategy. Speedup is over bf16
-measured in the same run; GB/s counts the bytes each method must read (weights,
-metadata, x) and write (y), against the GPU's peak HBM bandwidth.
-Without a GPU the kernel columns are skipped (interpret mode measures nothing).
+Shapes (K -> N): 4096->4096, 8192->8192, Llama-3-8B's 4096->14336 and 14336->4096,
+and Llama-3-70B's 8192->28672 and 28672->8192; any4 and int4 weights at G = 128
+with bf16 LUT/scales/zeros (the default storage). Columns: bf16 ``jnp.dot``
+(XLA / cuBLAS), ``qmatmul(path="xla")`` (the library's XLA path: dequantize +
+dot) and ``qmatmul(path="kernel")`` with each lookup strategy. Each time is one
+call's share of ``--iters`` calls run inside one jitted loop (a host sync per
+call would hide a ~15 us kernel), the median of 3 such runs. Speedup is over bf16
+measured in the same run; GB/s counts the bytes a call must move (weights,
+metadata, x, y). The table is rewritten after every row, so a run cut short
+keeps what it measured. Without a GPU the kernel columns say so.
 """
 
 import argparse
@@ -20,98 +23,90 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.lut_matmul import STRATEGIES, lut_matmul
+from any4_jax import quantize_tensor
+from any4_jax.layers import qmatmul
+from pallas_kernels.lut_matmul import STRATEGIES
 
-SHAPES = [(4096, 4096), (8192, 8192), (4096, 14336), (14336, 4096), (4096, 6144)]
+SHAPES = [(4096, 4096), (8192, 8192), (4096, 14336), (14336, 4096), (8192, 28672), (28672, 8192)]
 PEAK_GBS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}  # SXM HBM peaks, GB/s
 
 
 def peak_bandwidth(kind: str) -> float | None:
-    for name, gbs in PEAK_GBS.items():
-        if name in kind:
-            return gbs
-    return None
+    return next((gbs for name, gbs in PEAK_GBS.items() if name in kind), None)
 
 
-def timed(f, *args, iters=50):
-    jax.block_until_ready(f(*args))  # compile + warm up
-    times = []
-    for _ in range(iters):
+def per_call_seconds(f, x, *weights, iters: int) -> float:
+    """One call's share of ``iters`` calls inside one jitted loop (each call sees a
+    different x, so nothing is hoisted), median of 3 runs after a warm-up."""
+    @jax.jit
+    def many(x, *weights):
+        def body(i, acc):
+            y = f(x + i.astype(x.dtype) * 1e-3, *weights)
+            return acc + y[0, 0].astype(jnp.float32)
+        return jax.lax.fori_loop(0, iters, body, jnp.float32(0))
+
+    jax.block_until_ready(many(x, *weights))
+    runs = []
+    for _ in range(3):
         t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
-def quantized(key, n, k, fmt, group_size=128):
-    """Random codes with the format's LUT (speed does not depend on the values)."""
-    k1, k2, k3 = jax.random.split(key, 3)
-    codes = jax.random.randint(k1, (n, k // 2), 0, 256, jnp.int32).astype(jnp.uint8)
-    if fmt == "int4":
-        lut = jnp.broadcast_to(jnp.arange(16, dtype=jnp.bfloat16), (n, 16))
-    else:
-        lut = jnp.sort(jax.random.normal(k2, (n, 16)), axis=1).astype(jnp.bfloat16)
-    scales = (jax.random.uniform(k3, (n, k // group_size)) * 0.01).astype(jnp.bfloat16)
-    zeros = (-8 * scales).astype(jnp.bfloat16)
-    return codes, lut, scales, zeros
-
-
-def dequant_dot(x, codes, lut, scales, zeros, group_size=128):
-    n = codes.shape[0]
-    unpacked = jnp.stack([codes & 0xF, codes >> 4], -1).reshape(n, -1).astype(jnp.int32)
-    w = jnp.take_along_axis(lut, unpacked, axis=1).reshape(n, -1, group_size)
-    w = (w * scales[..., None] + zeros[..., None]).reshape(n, -1).astype(x.dtype)
-    return jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
+        jax.block_until_ready(many(x, *weights))
+        runs.append((time.perf_counter() - t) / iters)
+    return float(np.median(runs))
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--m", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--m", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--formats", nargs="+", default=["any4", "int4"])
-    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--iters", type=int, default=200)
     p.add_argument("--quick", action="store_true", help="one small shape, few iterations (a smoke run)")
-    p.add_argument("--out", default=None, help="also write the table to this markdown file")
+    p.add_argument("--out", default=None, help="write the table to this markdown file (after every row)")
     args = p.parse_args()
     shapes = [(1024, 1024)] if args.quick else SHAPES
-    iters = 3 if args.quick else args.iters
+    iters = 5 if args.quick else args.iters
 
     device = jax.devices()[0]
     on_gpu = device.platform == "gpu"
     kind = getattr(device, "device_kind", device.platform)
     peak = peak_bandwidth(kind) if on_gpu else None
-    lines = [f"Device: {kind} ({device.platform}); jax {jax.__version__}; host {platform.node()}",
-             f"Peak HBM bandwidth used for %: {peak or 'unknown'} GB/s. Times are medians of {iters} runs.", "",
-             "| fmt | M | K -> N | bf16 dot us | XLA deq+dot us (x) | "
+    lines = [f"Written by `python -m benchmarks.matmul_bench {' '.join(f'--m {m}' for m in args.m)}` on {kind} "
+             f"({device.platform}); jax {jax.__version__}; host {platform.node()}.",
+             f"Peak HBM bandwidth used for %: {peak or 'unknown'} GB/s. Per-call times: {iters} calls in one "
+             "jitted loop, median of 3 runs.", "",
+             "| fmt | M | K -> N | bf16 dot us | XLA path us (x) | "
              + " | ".join(f"kernel {s} us (x, GB/s, %peak)" for s in STRATEGIES) + " |",
              "|---|---|---|---|---|" + "---|" * len(STRATEGIES)]
-    print("\n".join(lines), flush=True)
-    key = jax.random.PRNGKey(0)
+
+    def write():
+        print(lines[-1], flush=True)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text("\n".join(lines) + "\n")
+
+    write()
+    rng = np.random.default_rng(0)
     for fmt in args.formats:
         for k, n in shapes:
-            codes, lut, scales, zeros = quantized(key, n, k, fmt)
-            w_bf16 = jax.random.normal(key, (n, k), jnp.bfloat16)
-            q_bytes = codes.size + 2 * (lut.size + scales.size + zeros.size)
+            w = (rng.standard_t(4, size=(n, k)) * 0.02).astype(np.float32)
+            qw = quantize_tensor(w, fmt, 128, n_init=1)  # bf16 metadata: the default storage
+            w_bf16 = jnp.asarray(w, jnp.bfloat16)
             for m in args.m:
-                x = jax.random.normal(key, (m, k), jnp.bfloat16)
+                x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
                 io = 2 * (m * k + m * n)
-                t_bf16 = timed(jax.jit(lambda x, w: jnp.dot(x, w.T)), x, w_bf16, iters=iters)
-                t_xla = timed(jax.jit(dequant_dot), x, codes, lut, scales, zeros, iters=iters)
+                t_bf16 = per_call_seconds(lambda x, w: jnp.dot(x, w.T), x, w_bf16, iters=iters)
+                t_xla = per_call_seconds(lambda x, q: qmatmul(x, q, path="xla"), x, qw, iters=iters)
                 cells = [f"{t_bf16 * 1e6:.1f}", f"{t_xla * 1e6:.1f} ({t_bf16 / t_xla:.2f}x)"]
                 for strategy in STRATEGIES:
                     if not on_gpu:
                         cells.append("n/a (no GPU)")
                         continue
-                    f = jax.jit(lambda x, c, l, s, z, st=strategy: lut_matmul(x, c, l, s, z, k=k, group_size=128,
-                                                                              strategy=st))
-                    t = timed(f, x, codes, lut, scales, zeros, iters=iters)
-                    gbs = (q_bytes + io) / t / 1e9
+                    t = per_call_seconds(lambda x, q, s=strategy: qmatmul(x, q, path="kernel", strategy=s), x, qw,
+                                         iters=iters)
+                    gbs = (qw.nbytes + io) / t / 1e9
                     pct = f"{100 * gbs / peak:.0f}%" if peak else "?"
                     cells.append(f"{t * 1e6:.1f} ({t_bf16 / t:.2f}x, {gbs:.0f}, {pct})")
                 lines.append(f"| {fmt} | {m} | {k} -> {n} | " + " | ".join(cells) + " |")
-                print(lines[-1], flush=True)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("\n".join(lines) + "\n")
+                write()
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """Fill pallas_kernels/tuned_blocks.json: the fastest block configuration per shape, on a GPU.
 
-    python benchmarks/tune_lut_matmul.py [--m 1 4 16] [--budget-s 240]
+    python -m benchmarks.tune_lut_matmul [--m 1 16] [--budget-s 240]
 
-For each (M, K -> N) of the benchmark shapes (G = 128, 4-bit) and each lookup
-strategy, times a small grid of block_n / block_k / split_k / num_warps /
-num_stages and keeps the fastest that matches the reference. Merges into the
-existing table; stops trying new shapes when the time budget is spent.
+For each (M, K -> N) of the benchmark shapes (any4, G = 128, default lookup),
+times a sample of block_m / block_n / block_k / num_warps / num_stages and keeps
+the fastest that matches the reference. Merges into the existing table; stops
+trying new shapes when the time budget is spent.
 """
 
 import argparse
@@ -18,25 +18,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.matmul_bench import SHAPES, quantized, timed
+from any4_jax import quantize_tensor
+from benchmarks.matmul_bench import SHAPES, per_call_seconds
 from pallas_kernels import lut_matmul as lm
 
 TUNED_FILE = Path(lm.__file__).with_name("tuned_blocks.json")  # the package's own table
 
 
 def candidates(m):
-    if m <= lm.DECODE_MAX_M:
-        for bn, bk, split, warps, stages in itertools.product((16, 32, 64, 128), (64, 128), (1, 2, 4, 8, 16),
-                                                              (2, 4, 8), (2, 3)):
-            yield dict(block_n=bn, block_k=bk, split_k=split, block_m=1, num_warps=warps, num_stages=stages)
-    else:
-        for bm, bn, bk, warps, stages in itertools.product((32, 64, 128), (32, 64, 128), (32, 64, 128), (4, 8), (2, 3)):
-            yield dict(block_n=bn, block_k=bk, split_k=1, block_m=bm, num_warps=warps, num_stages=stages)
+    """Block configs of the kernel: 16 rows of W a warp, block_k dividing G = 128."""
+    block_ms = (16,) if m <= lm.DECODE_MAX_M else (32, 64, 128)
+    for bm, warps, bk, stages in itertools.product(block_ms, (1, 2, 4, 8), (64, 128), (2, 3, 4)):
+        yield dict(block_m=bm, block_n=16 * warps, block_k=bk, num_warps=warps, num_stages=stages)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--m", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--m", type=int, nargs="+", default=[1, 16])
     p.add_argument("--budget-s", type=float, default=240)
     p.add_argument("--max-candidates", type=int, default=40, help="random sample of the grid per shape")
     args = p.parse_args()
@@ -45,32 +43,32 @@ def main():
     table = dict(lm.tuned_blocks())
     start = time.perf_counter()
     rng = np.random.default_rng(0)
-    key = jax.random.PRNGKey(0)
-    for (k, n), m, strategy in itertools.product(SHAPES, args.m, lm.STRATEGIES):
+    for (k, n), m in itertools.product(SHAPES, args.m):
         if time.perf_counter() - start > args.budget_s:
             print("time budget spent; stopping")
             break
-        codes, lut, scales, zeros = quantized(key, n, k, "any4")
-        x = jax.random.normal(key, (m, k), jnp.bfloat16)
-        ref = np.asarray(lm.lut_matmul_reference(x, codes, lut, scales, zeros, k=k, group_size=128), np.float32)
+        qw = quantize_tensor((rng.standard_t(4, size=(n, k)) * 0.02).astype(np.float32), "any4", 128, n_init=1)
+        w = (qw.codes, qw.lut, qw.scales, qw.zeros)
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+        ref = np.asarray(lm.lut_matmul_reference(x, *w, k=k, group_size=128), np.float32)
         grid = list(candidates(m))
         best = None
         for i in rng.permutation(len(grid))[: args.max_candidates]:
             cfg = grid[i]
+            f = lambda x, *w, cfg=cfg: lm.lut_matmul(x, *w, k=k, group_size=128, **cfg)
             try:
-                f = jax.jit(lambda *a, cfg=cfg: lm.lut_matmul(*a, k=k, group_size=128, strategy=strategy, **cfg))
-                y = np.asarray(f(x, codes, lut, scales, zeros), np.float32)
+                y = np.asarray(jax.jit(f)(x, *w), np.float32)
                 if np.abs(y - ref).max() > 2e-2 * np.abs(ref).max():
                     continue
-                t = timed(f, x, codes, lut, scales, zeros, iters=20)
+                t = per_call_seconds(f, x, *w, iters=50)
             except Exception as e:  # a configuration Triton cannot compile
                 print(f"  skip {cfg}: {type(e).__name__}")
                 continue
             if best is None or t < best[0]:
                 best = (t, cfg)
         if best:
-            table[lm._tuned_key(m, n, k, 128, 4, strategy)] = best[1]
-            print(f"M={m} {k}->{n} {strategy}: {best[0] * 1e6:.1f} us with {best[1]}", flush=True)
+            table[lm._tuned_key(m, n, k, 128, 4)] = best[1]
+            print(f"M={m} {k}->{n}: {best[0] * 1e6:.1f} us with {best[1]}", flush=True)
             TUNED_FILE.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
 
 

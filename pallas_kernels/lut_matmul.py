@@ -211,11 +211,12 @@ def block_config(m: int, n: int, k: int, group_size: int, bits: int = 4) -> dict
     # One group per K block: block_k divides G (64 when G = 32: a group per half-block).
     g = group_size if group_size & (group_size - 1) == 0 else CODE_BLOCK
     block_k = max(CODE_BLOCK, min(256, g, pl.next_power_of_2(k)))
-    block_m = 16 if m <= DECODE_MAX_M else min(64, pl.next_power_of_2(m))
-    block_n = 64
-    while block_n > 16 and pl.cdiv(n, block_n) < 132:  # fill the GPU's SMs when N is small
-        block_n //= 2
-    return dict(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=4, num_stages=3)
+    block_m = 16 if m <= DECODE_MAX_M else 64
+    # 16 rows of W a warp (one MMA height); fewer rows a program when N cannot fill the SMs.
+    block_n, num_warps = 64, 4
+    while num_warps > 1 and pl.cdiv(n, block_n) < 66:
+        block_n, num_warps = block_n // 2, num_warps // 2
+    return dict(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=3)
 
 
 # ---------------------------------------------------------------------------
@@ -258,7 +259,6 @@ def _kernel(x_ref, codes_ref, lut_ref, scales_ref, zeros_ref, out_ref, *, m, n, 
     xrows = i * block_m + jnp.arange(block_m)
     row_ok = rows < n if n % block_n else None
     xrow_ok = xrows < m if m % block_m else None
-    half = jnp.arange(HALF)
     tail = k % block_k != 0                 # the last K block runs past K: mask x (codes are padded)
     split_groups = group_size < block_k     # G = 32: each half of a code block is its own group
     # Code blocks of one group are looked up and multiplied together: `fuse` blocks a dot.

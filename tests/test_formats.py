@@ -128,11 +128,11 @@ def test_exact_round_trip(rng, fmt, k, g):
 def test_storage_layout(rng):
     w, _ = realistic_weight(rng, 16, 200)
     qw = quantize_tensor(w, "any3", 64)
-    assert qw.codes.shape == (16, 100) and qw.codes.dtype == np.uint8
+    assert qw.codes.shape == (16, 128) and qw.codes.dtype == np.uint8  # 4 blocks of 64 codes, 32 bytes each
     assert qw.lut.shape == (16, 8) and qw.scales.shape == (16, 4) and qw.zeros.shape == (16, 4)
     assert qw.n_groups == 4 and qw.bits == 3 and qw.group_size == 64
     # codes 4 bits each + 8 LUT values a row + 2 values a group, 2 bytes each (bfloat16 default)
-    expected = 16 * 100 + 16 * 8 * 2 + 2 * 16 * 4 * 2
+    expected = 16 * 128 + 16 * 8 * 2 + 2 * 16 * 4 * 2
     assert qw.nbytes == expected
     assert qw.bits_per_weight == pytest.approx(8 * expected / (16 * 200))
     leaves, treedef = jax.tree_util.tree_flatten(qw)

@@ -1,5 +1,6 @@
 """Quantized layers, whole-model quantization, calibration, quantized checkpoints, CLI."""
 
+import dataclasses
 import json
 
 import flax.linen as nn
@@ -189,7 +190,7 @@ def _edit_manifest(d, edit):
 def test_manifest_records_a_versioned_recipe(saved_int4):
     d, _ = saved_int4
     manifest = json.loads((d / "manifest.json").read_text())
-    assert manifest["format_version"] == 2
+    assert manifest["format_version"] == 3
     q = manifest["quantization"]
     assert q["recipe_version"] == 1 and q["fmt"] == "int4" and q["storage_dtype"] == "bfloat16"
     model, params, _ = load_model(d)
@@ -212,15 +213,32 @@ def test_a_bad_recipe_is_a_checkpoint_error_naming_it(saved_int4, edit, match):
         load_model(d)
 
 
-def test_a_version_1_manifest_still_loads(saved_int4):
-    """Checkpoints written before the recipe was versioned (format_version 1: the
-    layer factory's fields, no recipe_version) load to the same logits."""
-    d, logits = saved_int4
+@pytest.mark.parametrize("version", [1, 2])
+def test_checkpoints_of_earlier_format_versions_still_load(tiny_model, tmp_path, version):
+    """Versions 1-2 packed codes in pairs (element 2i in the low nibble of byte i);
+    version 1 also lacked the recipe version. They load to the same logits."""
+    from any4_jax.formats import unpack_codes
 
-    def to_v1(m):
-        m["format_version"] = 1
-        del m["quantization"]["recipe_version"]
+    _, flax_dir = tiny_model("llama")
+    model, params, _ = load_model(flax_dir)
+    qmodel, qparams = quantize_model(model, params, fmt="any4", group_size=32, calibration=IDS, progress=False)
+    logits = np.asarray(qmodel.apply({"params": qparams}, jnp.asarray(IDS)))
 
-    _edit_manifest(d, to_v1)
-    model, params, _ = load_model(d)
-    np.testing.assert_array_equal(np.asarray(model.apply({"params": params}, jnp.asarray(IDS))), logits)
+    def to_pairs(qw):  # the old layout, written with numpy
+        if not isinstance(qw, QuantizedWeight):
+            return qw
+        c = np.asarray(unpack_codes(qw.codes, qw.shape[1]))
+        c = np.pad(c, ((0, 0), (0, c.shape[1] % 2)))
+        return dataclasses.replace(qw, codes=jnp.asarray((c[:, 0::2] | (c[:, 1::2] << 4)).astype(np.uint8)))
+
+    old = jax.tree_util.tree_map(to_pairs, qparams, is_leaf=lambda x: isinstance(x, QuantizedWeight))
+    save_model(tmp_path / "q", qmodel, old)
+
+    def downgrade(m):
+        m["format_version"] = version
+        if version == 1:
+            del m["quantization"]["recipe_version"]
+
+    _edit_manifest(tmp_path / "q", downgrade)
+    loaded_model, loaded, _ = load_model(tmp_path / "q")
+    np.testing.assert_array_equal(np.asarray(loaded_model.apply({"params": loaded}, jnp.asarray(IDS))), logits)

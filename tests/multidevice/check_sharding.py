@@ -22,8 +22,8 @@ from converters import hf2flax  # noqa: E402
 
 MESHES = [(1, 8), (2, 4), (8, 1)]
 IDS = np.random.default_rng(0).integers(0, 128, size=(8, 16)).astype(np.int32)
-# Dimensions every mesh axis of 8 divides, with whole groups of 32 on each shard.
-SHAPE = dict(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+# Dimensions every mesh axis of 8 divides, with whole groups of 32 and whole 64-element code blocks on each shard.
+SHAPE = dict(vocab_size=128, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
              num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64)
 
 
