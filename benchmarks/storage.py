@@ -58,6 +58,8 @@ def main():
             hf2flax.convert(hf_dir, out, dtype=dtype, overwrite=True, progress=False)
         sizes.append((f"float ({dtype})", dir_bytes(out / "params"), None))
     model, params, tok = load_model(work / "smollm2-float32")
+    total = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    embedding = params["embed_tokens"]["embedding"].size
     start = time.perf_counter()
     qmodel, qparams = quantize_model(model, params, fmt="any4", group_size=128, tokenizer=tok, progress=False)
     print(f"any4 quantization: {time.perf_counter() - start:.1f} s", flush=True)
@@ -65,8 +67,8 @@ def main():
     sizes.append(("any4, G = 128, bf16 metadata", dir_bytes(work / "smollm2-any4" / "params"),
                   manifest["quantization"]["bits_per_weight"]))
     lines += ["", "## SmolLM2-135M-Instruct on disk (orbax `params/`)", "",
-              "Embeddings (28.3M of the 134.5M parameters, tied with the output layer) and norms stay float32 "
-              "in the any4 checkpoint; every linear layer is quantized.", "",
+              f"Embeddings ({embedding / 1e6:.1f}M of the {total / 1e6:.1f}M parameters, tied with the output "
+              "layer) and norms stay float32 in the any4 checkpoint; every linear layer is quantized.", "",
               "| checkpoint | MB | vs float32 | bits/weight of the quantized layers |", "|---|---|---|---|"]
     for label, size, bpw in sizes:
         lines.append(f"| {label} | {size / 1e6:.1f} | {size / sizes[0][1]:.2f}x | {'' if bpw is None else bpw} |")

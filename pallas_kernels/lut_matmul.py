@@ -255,10 +255,10 @@ def _kernel(x_ref, codes_ref, lut_ref, scales_ref, zeros_ref, out_ref, *, m, n, 
     i, j = pl.program_id(0), pl.program_id(1)
     kc = packed_columns(k)
     dtype = x_ref.dtype
-    rows = j * block_n + jnp.arange(block_n)
-    xrows = i * block_m + jnp.arange(block_m)
-    row_ok = rows < n if n % block_n else None
-    xrow_ok = xrows < m if m % block_m else None
+    # Rows past N (or M) repeat the last real row: they compute exact duplicates and store
+    # the same values to the same place, so no load or store needs a row mask.
+    rows = jnp.minimum(j * block_n + jnp.arange(block_n), n - 1)
+    xrows = jnp.minimum(i * block_m + jnp.arange(block_m), m - 1)
     tail = k % block_k != 0                 # the last K block runs past K: mask x (codes are padded)
     split_groups = group_size < block_k     # G = 32: each half of a code block is its own group
     # Code blocks of one group are looked up and multiplied together: `fuse` blocks a dot.
@@ -269,11 +269,6 @@ def _kernel(x_ref, codes_ref, lut_ref, scales_ref, zeros_ref, out_ref, *, m, n, 
 
     def load(ref, mask=None):
         return pltr.load(ref, mask=mask, other=None if mask is None else 0)
-
-    def both(mask_a, mask_b):
-        if mask_a is None:
-            return mask_b
-        return mask_a if mask_b is None else mask_a & mask_b
 
     # Ones for the Σx MMA, as a load that never reads (rows are never negative): loaded
     # data can be an MMA operand in shared memory, a constant is rebuilt in registers per MMA.
@@ -288,14 +283,13 @@ def _kernel(x_ref, codes_ref, lut_ref, scales_ref, zeros_ref, out_ref, *, m, n, 
         for q in range(4):
             e = 4 * q + entry
             v = load(lut_ref.at[rows[:, None] * levels + jnp.minimum(e, levels - 1)],
-                     both(None if row_ok is None else row_ok[:, None], e < levels if 4 * q + 3 >= levels else None))
+                     e < levels if 4 * q + 3 >= levels else None)
             u = lax.bitcast_convert_type(v.astype(dtype), jnp.uint16).astype(jnp.uint32)
             tables[f"th{q}"], tables[f"tl{q}"] = (u >> 8).astype(jnp.uint8), (u & 0xFF).astype(jnp.uint8)
         tables = [tables[t] for t in _TABLES]
 
     def codes_at(byte0, byte_cols):  # byte0: a multiple of 32 written without division (alignment stays visible)
-        return load(codes_ref.at[rows[:, None] * kc + (byte0 + byte_cols)[None, :]],
-                    None if row_ok is None else row_ok[:, None])
+        return load(codes_ref.at[rows[:, None] * kc + (byte0 + byte_cols)[None, :]])
 
     def lookup(byte0, n_blocks=1):
         """The LUT values of the low and high halves of ``n_blocks`` code blocks from
@@ -312,8 +306,8 @@ def _kernel(x_ref, codes_ref, lut_ref, scales_ref, zeros_ref, out_ref, *, m, n, 
         return out
 
     def scale_and_zero(g):
-        s = load(scales_ref.at[rows * n_groups + g], row_ok).astype(jnp.float32)
-        z = load(zeros_ref.at[rows * n_groups + g], row_ok).astype(jnp.float32)
+        s = load(scales_ref.at[rows * n_groups + g]).astype(jnp.float32)
+        z = load(zeros_ref.at[rows * n_groups + g]).astype(jnp.float32)
         return s[:, None], z[:, None]
 
     def body(kb, acc):
@@ -323,9 +317,7 @@ def _kernel(x_ref, codes_ref, lut_ref, scales_ref, zeros_ref, out_ref, *, m, n, 
             c0 = k0 + sub * CODE_BLOCK * fuse
             for w, off in zip(lookup(kb * (block_k // 2) + sub * HALF * fuse, fuse), (0, HALF)):
                 cols = c0 + off + x_col
-                xmask = both(None if xrow_ok is None else xrow_ok[:, None],
-                             (cols < k)[None, :] if tail else None)
-                xt = load(x_ref.at[xrows[:, None] * k + cols[None, :]], xmask)
+                xt = load(x_ref.at[xrows[:, None] * k + cols[None, :]], (cols < k)[None, :] if tail else None)
                 if split_groups:  # G = 32 (block_k = 64): each half is its own group
                     s, z = scale_and_zero(2 * kb + off // HALF)
                     acc = acc + s * dot(w, xt) + z * dot(ones, xt)
@@ -338,8 +330,7 @@ def _kernel(x_ref, codes_ref, lut_ref, scales_ref, zeros_ref, out_ref, *, m, n, 
         return acc + s * prod + z * xsum
 
     acc = lax.fori_loop(0, pl.cdiv(k, block_k), body, jnp.zeros((block_n, block_m), jnp.float32))
-    pltr.store(out_ref.at[xrows[None, :] * n + rows[:, None]], acc.astype(out_ref.dtype),
-               mask=both(None if row_ok is None else row_ok[:, None], None if xrow_ok is None else xrow_ok[None, :]))
+    pltr.store(out_ref.at[xrows[None, :] * n + rows[:, None]], acc.astype(out_ref.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=(

@@ -72,6 +72,16 @@ def test_masking_when_shapes_do_not_divide_the_blocks(rng, dtype, block_n, block
     check(y, lut_matmul_reference(*args, k=1000, group_size=64), dtype)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fewer_rows_than_one_block(rng, dtype):
+    """N = 4 (Mixtral's router) and M = 3 in blocks of 16: rows past N and M repeat
+    the last real row; no output element may be clobbered."""
+    x, qw = make(rng, 3, 512, 4, 32, 4, dtype)
+    args = (x, qw.codes, qw.lut, qw.scales, qw.zeros)
+    check(lut_matmul(*args, k=512, group_size=32, interpret=True), lut_matmul_reference(*args, k=512, group_size=32),
+          dtype)
+
+
 def test_odd_k(rng):
     x, qw = make(rng, 2, 333, 40, 32, 4, jnp.float32)
     args = (x, qw.codes, qw.lut, qw.scales, qw.zeros)
@@ -254,3 +264,23 @@ def test_gpu_matches_reference(rng, m, k, n, group_size, bits, dtype, strategy):
     args = (x, qw.codes, qw.lut, qw.scales, qw.zeros)
     y = lut_matmul(*args, k=k, group_size=qw.group_size, strategy=strategy)
     check(y, lut_matmul_reference(*args, k=k, group_size=qw.group_size), dtype)
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)])
+def test_model_logits_on_the_kernel_path_equal_the_xla_path(tiny_model, dtype, tol):
+    """A whole quantized model (tiny Llama, any4, G = 32) run with every matmul on the
+    Pallas kernel (interpret mode; prmt lookup for bf16, gather for f32) against the
+    XLA path. Tolerance of max |logit|: f32 differs by summation order; bf16 rounds
+    activations between layers, so one rounding difference propagates."""
+    from any4_jax import load_model, quantize_model
+    from any4_jax.quantize import QuantDenseFactory
+
+    _, flax_dir = tiny_model("llama")
+    model, params, _ = load_model(flax_dir, dtype=dtype)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 12)), jnp.int32)
+    qmodel, qparams = quantize_model(model, params, fmt="any4", group_size=32, calibration=ids, progress=False,
+                                     matmul="xla")
+    on_kernel = qmodel.clone(dense=QuantDenseFactory(qmodel.dense.recipe, "kernel"))
+    ref = np.asarray(qmodel.apply({"params": qparams}, ids), np.float32)
+    out = np.asarray(on_kernel.apply({"params": qparams}, ids), np.float32)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=tol * np.abs(ref).max())
