@@ -42,13 +42,39 @@ class CheckpointError(ValueError):
     """A model directory is missing, incomplete or of the wrong kind."""
 
 
-@contextlib.contextmanager
-def atomic_directory(out_dir, overwrite: bool = False):
-    """Yield a temporary directory that becomes ``out_dir`` when the block succeeds."""
+def check_output_dir(out_dir, overwrite: bool = False, inputs=()) -> Path:
+    """``out_dir`` as an absolute path if a model may be written there, else a
+    FileExistsError naming it and why. A new path is fine; an existing one only
+    with ``overwrite``, and even then only an empty directory or a directory this
+    project wrote (``manifest.json``) — never a file, the current directory or one
+    of its parents, an input, or a directory that holds an input. Call it before
+    the long work."""
     out = Path(out_dir).absolute()
-    if out.exists() and not overwrite:
+    if not out.exists() and not out.is_symlink():
+        return out
+    if not overwrite:
         raise FileExistsError(f"output directory {out} already exists; pass overwrite=True "
                               f"(--overwrite) to replace it")
+    real, cwd = out.resolve(), Path.cwd().resolve()
+    if not real.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a model directory; --overwrite never replaces a file")
+    if real == cwd or real in cwd.parents:
+        raise FileExistsError(f"--out {out} is the current directory or one of its parents; "
+                              f"--overwrite never replaces it")
+    for path in map(lambda p: Path(p).resolve(), inputs):
+        if real == path or real in path.parents:
+            raise FileExistsError(f"--out {out} is the input {path} or holds it; choose another output directory")
+    if any(real.iterdir()) and not (real / "manifest.json").is_file():
+        raise FileExistsError(f"--out {out} is not empty and not a model directory written by any4-jax "
+                              f"(no manifest.json); --overwrite only replaces those")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir, overwrite: bool = False, inputs=()):
+    """Yield a temporary directory that becomes ``out_dir`` when the block
+    succeeds (``check_output_dir`` rules for what ``overwrite`` may replace)."""
+    out = check_output_dir(out_dir, overwrite, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -122,7 +148,7 @@ def save_model(out_dir, model, params, tokenizer=None, *, overwrite: bool = Fals
     if isinstance(model.dense, QuantDenseFactory):
         manifest["quantized"] = True
         manifest["quantization"] = {**model.dense.recipe.to_dict(), "bits_per_weight": bits_per_weight(params)}
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite, inputs=() if source is None else (source,)) as tmp:
         write_model_dir(tmp, params, hf_config or model.config.to_hf(), tokenizer, manifest)
     return json.loads((Path(out_dir) / "manifest.json").read_text())
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 
 from any4_jax import assets, quantize
-from any4_jax.checkpoint import CheckpointError, load_model, read_manifest, save_model
+from any4_jax.checkpoint import CheckpointError, check_output_dir, load_model, read_manifest, save_model
 from any4_jax.evaluate import perplexity
 from any4_jax.formats import FORMATS
 from any4_jax.generation import generate, generate_text
@@ -51,8 +51,7 @@ def _load_text(name_or_file: str) -> str:
 
 
 def cmd_quantize(args, rest):
-    if Path(args.out).exists() and not args.overwrite:  # before the long work, not after it
-        raise FileExistsError(f"output directory {args.out} already exists; pass --overwrite to replace it")
+    check_output_dir(args.out, args.overwrite, inputs=[args.model])  # before the long work, not after it
     model, params, tokenizer = load_model(args.model, require="float")
     options = quantize.from_arguments(args)
     if args.devices > 1:

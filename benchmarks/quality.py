@@ -109,8 +109,10 @@ def main():
         Path(args.out).write_text("\n".join(lines) + "\n")
         results_file.write_text(json.dumps(results, indent=1) + "\n")
 
-    todo = [(g, c) for essential in (True, False) for g in args.group_sizes for c in CONFIGS if c[2] == essential
-            and not ("statistic" in (c[1] or {}) and g != STATISTIC_ROWS_ONLY_AT)]
+    # Essential rows first; among them the default any4 and its float32-metadata twin first of all.
+    first = lambda c: (not c[2], c[1] is not None and not c[0].startswith("any4, calibrated"))
+    todo = [(g, c) for group in sorted({first(c) for c in CONFIGS}) for g in args.group_sizes for c in CONFIGS
+            if first(c) == group and not ("statistic" in (c[1] or {}) and g != STATISTIC_ROWS_ONLY_AT)]
     for g, (label, kwargs, _) in todo:
         key = row_key(label, kwargs, g, args.windows, args.seq_len)
         if key in results:  # resumed: measured by an earlier run with the same settings

@@ -186,7 +186,7 @@ def convert(gguf_file, out_dir, *, overwrite: bool = False, progress: bool = Tru
                          f"supported: {', '.join(SUPPORTED_TYPES)}")
     tokenizer = gguf_tokenizer(reader)
     heads = {"attn_q.weight": config["num_attention_heads"], "attn_k.weight": config["num_key_value_heads"]}
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite, inputs=[gguf_file]) as tmp:
         tensors = {}
         for t in tqdm(reader.tensors, desc="dequantizing", unit="tensor", disable=not progress):
             w = np.asarray(dequantize(t.data, t.tensor_type), np.float32)
@@ -197,6 +197,9 @@ def convert(gguf_file, out_dir, *, overwrite: bool = False, progress: bool = Tru
             tensors[hf_tensor_name(t.name)] = np.ascontiguousarray(w)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        # marks the folder as ours, so that --overwrite may replace it later
+        (tmp / "manifest.json").write_text(json.dumps({"written_by": "any4-jax converters.gguf2hf",
+                                                       "source": str(gguf_file.absolute())}, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return config

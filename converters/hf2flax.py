@@ -25,7 +25,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from any4_jax import quantize
-from any4_jax.checkpoint import load_tokenizer, save_model
+from any4_jax.checkpoint import check_output_dir, load_tokenizer, save_model
 from any4_jax.formats import FORMATS
 from any4_jax.models import ModelConfig, Transformer, param_shapes
 
@@ -126,8 +126,7 @@ def convert(model_dir, out_dir, *, dtype: str = "float32", overwrite: bool = Fal
     string, or ``None``; ``quantize_options`` go to ``quantize_model``.
     Returns the manifest (plus ``seconds``)."""
     model_dir = Path(model_dir)
-    if Path(out_dir).exists() and not overwrite:  # fail before the long work, not after it
-        raise FileExistsError(f"output directory {out_dir} already exists; pass --overwrite to replace it")
+    check_output_dir(out_dir, overwrite, inputs=[model_dir])  # fail before the long work, not after it
     start = time.perf_counter()
     hf_config, config, params = load_hf_params(model_dir, dtype, progress)
     tokenizer = load_tokenizer(model_dir)
