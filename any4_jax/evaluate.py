@@ -26,6 +26,12 @@ def perplexity(model, params, token_ids, seq_len: int = 1024, max_windows: int |
     and counted (``seq_len - 1`` per window). A tail shorter than ``seq_len``
     is dropped so that every window compiles to the same shape.
     """
+    context = model.config.max_position_embeddings if hasattr(model, "config") else None
+    if seq_len < 2 or (context and seq_len > context):
+        raise ValueError(f"seq_len must be at least 2 (a window predicts seq_len - 1 tokens)"
+                         f"{f' and at most the model context {context}' if context else ''}; got {seq_len}")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"max_windows must be >= 1, or None for every window; got {max_windows}")
     ids = np.asarray(token_ids).reshape(-1)
     n = len(ids) // seq_len
     if n == 0:

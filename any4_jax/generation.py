@@ -9,6 +9,7 @@ donated from step to step.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from typing import Callable, Sequence
 
@@ -38,8 +39,19 @@ def _decode_step(model, params, token, position, cache):
     return logits[:, -1], cache
 
 
+def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None):
+    """A ValueError naming the argument unless ``temperature`` >= 0 (0 = greedy),
+    ``top_k`` >= 1 and ``0 < top_p <= 1`` (None = off)."""
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy); got {temperature}")
+    if top_k is not None and (int(top_k) != top_k or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1, or None for no top-k; got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:  # also rejects NaN
+        raise ValueError(f"top_p must be in (0, 1], or None for no top-p; got {top_p}")
+
+
 @functools.partial(jax.jit, static_argnames=("temperature", "top_k", "top_p"))
-def sample(logits, key, *, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None):
+def _sample(logits, key, *, temperature, top_k, top_p):
     """Next tokens ``(B,)`` from logits ``(B, V)``: greedy at temperature 0,
     else softmax(logits / T) restricted to the top-k and/or the top-p nucleus."""
     if temperature == 0.0:
@@ -57,6 +69,15 @@ def sample(logits, key, *, temperature: float = 0.0, top_k: int | None = None, t
         keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
         logits = jnp.where(keep, logits, -jnp.inf)
     return jax.random.categorical(key, logits, axis=-1)
+
+
+def sample(logits, key, *, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None):
+    """Next tokens ``(B,)`` from logits ``(B, V)``: greedy at temperature 0, else
+    softmax(logits / T) restricted to the top-k and/or the top-p nucleus (a
+    ``top_k`` of V or more keeps every token). Arguments as ``check_sampling``."""
+    check_sampling(temperature, top_k, top_p)
+    top_k = None if top_k is None or top_k >= logits.shape[-1] else int(top_k)
+    return _sample(logits, key, temperature=float(temperature), top_k=top_k, top_p=top_p)
 
 
 def encode_prompts(tokenizer, prompts, chat: bool = False) -> list[list[int]]:
@@ -88,6 +109,7 @@ def generate_ids(model, params, prompt_ids: Sequence[Sequence[int]], *, max_new_
     """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+    check_sampling(temperature, top_k, top_p)  # before the prefill, not at the first sample
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt needs at least one token")
     context = model.config.max_position_embeddings
