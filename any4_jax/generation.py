@@ -153,7 +153,7 @@ def generate_ids(model, params, prompt_ids: Sequence[Sequence[int]], *, max_new_
     t2 = time.perf_counter()
     if stats is not None:
         stats.update(prefill_tokens=int(mask.sum()), prefill_seconds=t1 - t0,
-                     decode_tokens=steps * b, decode_seconds=t2 - t1)
+                     decode_tokens=(steps - 1) * b, decode_seconds=t2 - t1)  # the first token came from prefill
     results = []
     for row in out[:, :steps]:
         row = row.tolist()

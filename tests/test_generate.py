@@ -60,6 +60,16 @@ def test_decode_step_compiles_once(tiny_model):
     assert gen._decode_step._cache_size() == after_5
 
 
+def test_decode_rate_counts_model_steps(tiny_model):
+    """n new tokens take n - 1 decode steps (the first comes from the prefill logits)."""
+    _, flax_dir = tiny_model("llama")
+    model, params, _ = load_model(flax_dir)
+    stats = {}
+    out = gen.generate_ids(model, params, [[1, 2, 3], [4, 5]], max_new_tokens=6, stats=stats)
+    assert [len(o) for o in out] == [6, 6]
+    assert stats["decode_tokens"] == 2 * 5 and stats["prefill_tokens"] == 5
+
+
 def test_stop_token_ends_a_row(tiny_model):
     _, flax_dir = tiny_model("llama")
     model, params, _ = load_model(flax_dir)
