@@ -182,7 +182,7 @@ def load_model(model_dir, *, dtype=None, tokenizer: bool = True, require: str | 
     if quant:
         model = model.clone(dense=QuantDenseFactory(manifest_recipe(d, manifest), matmul, mesh))
     if manifest["format_version"] < 3 and quant:  # codes packed in pairs: repack on one device, then place
-        params = _repack_pairs(_restore(d / "params", param_shapes(model)))
+        params = _repack_pairs(_restore(d / "params", param_shapes(model), pair_packed_codes=True))
         if mesh is not None:
             params = jax.device_put(params, shardings(params, mesh))
     else:
@@ -212,10 +212,11 @@ def _repack_pairs(params):
     return jax.tree_util.tree_map(repack, params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
 
 
-def _restore(path: Path, abstract, mesh=None):
+def _restore(path: Path, abstract, mesh=None, pair_packed_codes: bool = False):
     """Restore an orbax params tree with the structure of ``abstract`` (the
     model's own, ``QuantizedWeight`` nodes included), the dtypes as saved, and,
-    with a mesh, the partition rules' shardings."""
+    with a mesh, the partition rules' shardings. Every saved shape must be the
+    model's (``pair_packed_codes``: codes of format versions 1-2 are half of K wide)."""
     checkpointer = ocp.StandardCheckpointer()
     path = path.absolute()
     saved = {_keys(p): m for p, m in jax.tree_util.tree_leaves_with_path(checkpointer.metadata(path).item_metadata)}
@@ -224,6 +225,12 @@ def _restore(path: Path, abstract, mesh=None):
         missing = sorted("/".join(k) for k in {_keys(p) for p, _ in targets} - set(saved))
         raise CheckpointError(f"{path} does not match the model in config.json/manifest.json "
                               f"(missing: {', '.join(missing[:5]) or 'none'})")
+    wrong = [f"{'/'.join(_keys(p))} is {tuple(saved[_keys(p)].shape)}, the model needs {tuple(a.shape)}"
+             for p, a in targets if tuple(saved[_keys(p)].shape) != tuple(a.shape)
+             and not (pair_packed_codes and _keys(p)[-1] == "codes")]
+    if wrong:
+        raise CheckpointError(f"{path} does not match config.json/manifest.json: {'; '.join(wrong[:3])}"
+                              f"{f' (and {len(wrong) - 3} more)' if len(wrong) > 3 else ''}")
     if mesh is not None:
         placements = jax.tree_util.tree_leaves(shardings(abstract, mesh))
     else:  # one device, whatever topology the checkpoint was written from

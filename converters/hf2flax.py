@@ -42,6 +42,16 @@ def hf_name(path: tuple[str, ...]) -> tuple[str, bool]:
     return (name if name.startswith("lm_head") else "model." + name), transpose
 
 
+def _inside(model_dir: Path, name: str, index: Path) -> Path:
+    """A shard named by the index, which must be a file inside ``model_dir`` (an
+    untrusted index may not point elsewhere)."""
+    path = (model_dir / name).resolve()
+    if model_dir.resolve() not in path.parents:
+        raise ValueError(f"{index} names the shard {name!r}, which is outside {model_dir}; "
+                         f"shards must be files in the model folder")
+    return path
+
+
 class TensorReader:
     """Reads named tensors one at a time from safetensors (single or sharded) or a .bin."""
 
@@ -54,7 +64,7 @@ class TensorReader:
         self._torch_state = None
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {name: model_dir / f for name, f in weight_map.items()}
+            self.files = {name: _inside(model_dir, f, index) for name, f in weight_map.items()}
         elif single.exists():
             self.files = {name: single for name in self._open(single).keys()}
         elif binary.exists():

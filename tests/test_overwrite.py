@@ -1,6 +1,7 @@
-"""`--overwrite` replaces only what this project wrote: never the current directory,
-an input or a folder holding one, a file, or a foreign folder. Each case used to
-delete data."""
+"""Untrusted or careless input loses nothing (#12). `--overwrite` replaces only what
+this project wrote — never the current directory, an input or a folder holding one,
+a file, or a foreign folder (each of these used to be deleted); a shard index may
+not point outside its folder; a config that disagrees with the params fails at load."""
 
 import os
 
@@ -76,3 +77,32 @@ def test_a_new_path_needs_no_overwrite(tmp_path):
     assert check_output_dir(tmp_path / "new") == (tmp_path / "new").absolute()
     with pytest.raises(FileExistsError, match="already exists; pass overwrite=True"):
         check_output_dir(tmp_path)
+
+
+def test_an_index_naming_a_shard_outside_the_folder_is_refused(workspace, capsys):
+    import json
+    root, src = workspace
+    sharded = save(make_hf_model("llama"), root / "sharded", "sharded")
+    index = sharded / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    first = next(iter(data["weight_map"]))
+    for evil in ("../notes.txt", str(root / "notes.txt")):
+        data["weight_map"][first] = evil
+        index.write_text(json.dumps(data))
+        assert hf2flax.main(["--model", str(sharded), "--out", "flax"]) == 2
+        assert "outside" in capsys.readouterr().err
+    assert intact(root, src) and not (root / "flax").exists()
+
+
+def test_config_that_disagrees_with_the_params_fails_at_load(workspace):
+    import json
+
+    from any4_jax import load_model
+    from any4_jax.checkpoint import CheckpointError
+    root, src = workspace
+    assert hf2flax.main(["--model", str(src), "--out", "flax"]) == 0
+    config = json.loads((root / "flax" / "config.json").read_text())
+    config["intermediate_size"] *= 2
+    (root / "flax" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"mlp/gate_proj/kernel is \(\d+, \d+\), the model needs"):
+        load_model(root / "flax")
