@@ -120,8 +120,15 @@ def test_existing_output_needs_overwrite(tmp_path):
     (out / "keep.txt").write_text("user data")
     assert hf2flax.main(["--model", str(src), "--out", str(out)]) == 2
     assert (out / "keep.txt").read_text() == "user data"
+    # not a model directory of ours: --overwrite refuses it too (it holds the user's data)
+    assert hf2flax.main(["--model", str(src), "--out", str(out), "--overwrite"]) == 2
+    assert (out / "keep.txt").read_text() == "user data"
+    # a model directory of ours is replaced, atomically
+    (out / "keep.txt").unlink()
+    out.rmdir()
+    assert hf2flax.main(["--model", str(src), "--out", str(out)]) == 0
     assert hf2flax.main(["--model", str(src), "--out", str(out), "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
+    assert (out / "manifest.json").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
