@@ -16,13 +16,13 @@ from pathlib import Path
 import jax
 
 from any4_jax import assets, quantize
-from any4_jax.checkpoint import CheckpointError, check_output_dir, load_model, read_manifest, save_model
+from any4_jax.checkpoint import check_output_dir, load_model, read_manifest, save_model
 from any4_jax.evaluate import perplexity
 from any4_jax.formats import FORMATS
 from any4_jax.generation import generate, generate_text
 from any4_jax.layers import MATMUL_PATHS
 from any4_jax.sharding import make_mesh
-from converters import hf2flax
+from converters import hf2flax, run_command
 
 DEMO_FORMATS = ("int4", "fp4", "nf4", "any4")
 MATMUL_ENV = "ANY4_JAX_MATMUL"
@@ -152,13 +152,16 @@ def cmd_demo(args, rest):
 
 def build_parser():
     p = argparse.ArgumentParser(prog="any4", description="Learned 4-bit quantization for LLMs in JAX.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of a failure")
+    common = argparse.ArgumentParser(add_help=False)  # --debug after the subcommand too
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="HF checkpoint -> Flax (same flags as python -m converters.hf2flax)",
                        add_help=False)
     c.set_defaults(func=cmd_convert)
 
-    q = sub.add_parser("quantize", help="quantize a converted float model directory")
+    q = sub.add_parser("quantize", parents=[common], help="quantize a converted float model directory")
     q.add_argument("--model", required=True, help="float model directory (from `any4 convert`)")
     q.add_argument("--out", required=True, help="output directory (written atomically)")
     q.add_argument("--format", default="any4", choices=FORMATS)
@@ -168,7 +171,7 @@ def build_parser():
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_quantize)
 
-    e = sub.add_parser("eval", help="perplexity on a built-in text or a text file")
+    e = sub.add_parser("eval", parents=[common], help="perplexity on a built-in text or a text file")
     e.add_argument("--model", required=True)
     e.add_argument("--text", default="botchan", help="botchan, lee, or a text FILE")
     e.add_argument("--seq-len", type=int, default=1024)
@@ -176,7 +179,7 @@ def build_parser():
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=cmd_eval)
 
-    g = sub.add_parser("generate", help="generate text, streamed")
+    g = sub.add_parser("generate", parents=[common], help="generate text, streamed")
     g.add_argument("--model", required=True)
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=128)
@@ -187,7 +190,7 @@ def build_parser():
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_generate)
 
-    d = sub.add_parser("demo", help="SmolLM2-135M: int4/fp4/nf4/any4 perplexity table and an any4 completion")
+    d = sub.add_parser("demo", parents=[common], help="SmolLM2-135M: int4/fp4/nf4/any4 perplexity table and an any4 completion")
     d.add_argument("--workdir", default="any4-demo", help="where converted and quantized models go")
     d.add_argument("--text", default="botchan", choices=("botchan", "lee"))
     d.add_argument("--group-size", type=int, default=128)
@@ -209,11 +212,7 @@ def main(argv=None):
         # Without accelerators, let jax see this many CPU devices (read when its backend starts).
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.devices}").strip()
-    try:
-        return args.func(args, [])
-    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(lambda: args.func(args, []), args.debug)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -123,9 +124,11 @@ class QuantizedModel:
         return getattr(self.model, name)
 
 
-def calibration_inputs(calibration, tokenizer):
+def calibration_inputs(calibration, tokenizer, max_len: int | None = None):
     """Model inputs for ``calibration``: ``"default"``, a prompt, a list of texts,
-    an array of token ids / model inputs, or ``None`` (no calibration)."""
+    an array of token ids / model inputs, or ``None`` (no calibration). An input
+    longer than ``max_len`` tokens (the model's context) is split into chunks of
+    at most ``max_len``, with a warning (statistics pool over all chunks)."""
     if calibration is None:
         return None
     if isinstance(calibration, str):
@@ -134,7 +137,7 @@ def calibration_inputs(calibration, tokenizer):
         texts = list(calibration)
     else:
         x = np.asarray(calibration)
-        return [x if x.ndim >= 2 else x[None]]
+        return _chunked([x if x.ndim >= 2 else x[None]], max_len)
     if tokenizer is None:
         raise ValueError("calibration text needs a tokenizer (tokenizer=...), or pass token ids")
     inputs = []
@@ -143,7 +146,16 @@ def calibration_inputs(calibration, tokenizer):
         if len(ids) < 1:
             raise ValueError(f"calibration text {text[:40]!r} is shorter than one token")
         inputs.append(np.asarray(ids, np.int32)[None])
-    return inputs
+    return _chunked(inputs, max_len)
+
+
+def _chunked(inputs, max_len):
+    if not max_len or all(x.shape[-1] <= max_len for x in inputs):
+        return inputs
+    longest = max(x.shape[-1] for x in inputs)
+    warnings.warn(f"calibration input of {longest} tokens is longer than the model context {max_len}; "
+                  f"it is split into chunks of {max_len} tokens", stacklevel=3)
+    return [x[..., i:i + max_len] for x in inputs for i in range(0, x.shape[-1], max_len)]
 
 
 def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None = 128,
@@ -168,7 +180,8 @@ def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None =
                     scale_sample_weight, sequential)
     skip = recipe.skip
     key = jax.random.PRNGKey(0) if key is None else key
-    inputs = calibration_inputs(calibration, tokenizer)
+    inputs = calibration_inputs(calibration, tokenizer,
+                                getattr(getattr(model, "config", None), "max_position_embeddings", None))
 
     layers = _dense_layers(params, skip)
     stats = {}
@@ -230,7 +243,10 @@ def add_arguments(p: argparse.ArgumentParser):
 
 def from_arguments(args) -> dict:
     """``quantize_model`` keyword arguments from the flags of ``add_arguments``."""
-    group = None if str(args.group_size).lower() == "none" else int(args.group_size)
+    group = None if str(args.group_size).lower() == "none" else args.group_size
+    if group is not None and not str(group).isdigit():
+        raise ValueError(f"--group-size {group!r}: expected 32, 64, 128, 256, 512, 1024 or 'none'")
+    group = None if group is None else int(group)
     cal = args.calibration
     if cal.lower() == "none":
         cal = None
@@ -238,7 +254,10 @@ def from_arguments(args) -> dict:
         path = Path(cal)
         if not path.is_file():
             raise FileNotFoundError(f"--calibration {cal}: not 'default', 'none' or an existing text file")
-        cal = path.read_text()
+        try:
+            cal = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--calibration {cal}: not a UTF-8 text file ({e.reason} at byte {e.start})") from e
     return dict(group_size=group, calibration=cal, statistic=args.statistic, sequential=args.sequential,
                 storage_dtype=args.storage_dtype, key=jax.random.PRNGKey(args.seed))
 

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
 
 from any4_jax.checkpoint import atomic_directory
+from converters import run_command
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 _LAYER_NAMES = {
@@ -210,14 +211,15 @@ def main(argv=None):
     p.add_argument("--gguf", required=True, help="llama-architecture .gguf file")
     p.add_argument("--out", required=True, help="output HF model directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     args = p.parse_args(argv)
-    try:
+
+    def body():
         cfg = convert(args.gguf, args.out, overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}: llama, {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}")
-    return 0
+        print(f"wrote {args.out}: llama, {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}")
+        return 0
+
+    return run_command(body, args.debug)
 
 
 if __name__ == "__main__":

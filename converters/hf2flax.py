@@ -28,6 +28,7 @@ from any4_jax import quantize
 from any4_jax.checkpoint import check_output_dir, load_tokenizer, save_model
 from any4_jax.formats import FORMATS
 from any4_jax.models import ModelConfig, Transformer, param_shapes
+from converters import run_command
 
 DTYPES = ("float32", "bfloat16")
 
@@ -175,18 +176,19 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--quantize", choices=FORMATS, help="also quantize every linear layer but lm_head to this format")
     quantize.add_arguments(p)
+    p.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     args = p.parse_args(argv)
-    try:
+
+    def body():
         options = quantize.from_arguments(args) if args.quantize else {}
         m = convert(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite,
                     fmt=args.quantize, **options)
-    except (FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
-        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 2
-    what = f"{m['quantization']['fmt']}, {m['quantization']['bits_per_weight']} bits/weight" \
-        if m.get("quantization") else m["dtype"]
-    print(f"wrote {args.out}: {m['model_type']}, {m['parameters']:,} parameters, {what}, {m['seconds']} s")
-    return 0
+        what = f"{m['quantization']['fmt']}, {m['quantization']['bits_per_weight']} bits/weight" \
+            if m.get("quantization") else m["dtype"]
+        print(f"wrote {args.out}: {m['model_type']}, {m['parameters']:,} parameters, {what}, {m['seconds']} s")
+        return 0
+
+    return run_command(body, args.debug)
 
 
 if __name__ == "__main__":

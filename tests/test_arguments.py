@@ -62,3 +62,47 @@ def test_cli_reports_bad_numbers_as_one_error_line(smollm2_any4, capsys, argv, m
     assert cli.main([argv[0], "--model", str(smollm2_any4), *argv[1:]]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and re.search(match, err), err
+
+
+def test_calibration_longer_than_the_context_is_chunked_with_a_warning(tiny_model):
+    from any4_jax.quantize import calibration_inputs, quantize_model
+
+    with pytest.warns(UserWarning, match="split into chunks of 256 tokens"):
+        chunks = calibration_inputs(np.arange(600) % 128, None, max_len=256)
+    assert [c.shape for c in chunks] == [(1, 256), (1, 256), (1, 88)]
+    np.testing.assert_array_equal(np.concatenate(chunks, axis=-1)[0], np.arange(600) % 128)
+    _, flax_dir = tiny_model("llama")  # context 256
+    model, params, _ = load_model(flax_dir)
+    with pytest.warns(UserWarning, match="600 tokens is longer than the model context 256"):
+        quantize_model(model, params, fmt="int4", group_size=32, calibration=np.arange(600) % 128, progress=False)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--group-size", "abc"], "--group-size 'abc': expected 32, 64"),
+    (["--calibration", "BINARY"], "not a UTF-8 text file"),
+])
+def test_cli_names_the_bad_flag(tiny_model, tmp_path, capsys, argv, match):
+    _, flax_dir = tiny_model("llama")
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 4)
+    argv = [str(tmp_path / "blob.bin") if a == "BINARY" else a for a in argv]
+    assert cli.main(["quantize", "--model", str(flax_dir), "--out", str(tmp_path / "q"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and match in err and err.count("\n") == 1, err
+    assert not (tmp_path / "q").exists()
+
+
+def test_debug_shows_the_traceback_and_failures_are_one_line(tmp_path, capsys):
+    from any4_jax.checkpoint import CheckpointError
+    assert cli.main(["eval", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "manifest.json is missing" in err and "Traceback" not in err
+    for argv in (["--debug", "eval", "--model", str(tmp_path)], ["eval", "--model", str(tmp_path), "--debug"]):
+        with pytest.raises(CheckpointError, match="manifest.json is missing"):
+            cli.main(argv)
+
+
+def test_unexpected_failures_end_in_one_line_too(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "cmd_eval", lambda args, rest: 1 / 0)
+    assert cli.main(["eval", "--model", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: ZeroDivisionError: division by zero (rerun with --debug for the traceback)\n"
