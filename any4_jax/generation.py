@@ -109,7 +109,9 @@ def generate_ids(model, params, prompt_ids: Sequence[Sequence[int]], *, max_new_
     """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
-    check_sampling(temperature, top_k, top_p)  # before the prefill, not at the first sample
+    check_sampling(temperature, top_k, top_p)  # once, before the prefill; the loop calls _sample
+    temperature = float(temperature)
+    top_k = None if top_k is None or top_k >= model.config.vocab_size else int(top_k)
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt needs at least one token")
     context = model.config.max_position_embeddings
@@ -139,7 +141,7 @@ def generate_ids(model, params, prompt_ids: Sequence[Sequence[int]], *, max_new_
     steps = 0
     for step in range(max_new_tokens):
         key, sub = jax.random.split(key)
-        token = sample(logits, sub, temperature=temperature, top_k=top_k, top_p=top_p)
+        token = _sample(logits, sub, temperature=temperature, top_k=top_k, top_p=top_p)
         tok = np.asarray(token)
         out[:, step] = tok
         steps = step + 1
