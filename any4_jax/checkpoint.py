@@ -164,7 +164,7 @@ def load_model(model_dir, *, dtype=None, tokenizer: bool = True, require: str | 
     tokenizer is ``None`` when the directory has none or ``tokenizer=False``.
     With a ``mesh`` (see ``any4_jax.sharding``) every array is read straight
     into its shards by the partition rules. ``matmul`` is the quantized layers'
-    ``qmatmul`` path (``"auto"``, ``"kernel"`` or ``"xla"``).
+    ``qmatmul`` path (``layers.MATMUL_PATHS``).
     """
     d = Path(model_dir)
     manifest = read_manifest(d)

@@ -11,10 +11,16 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from any4_jax.formats import QuantizedWeight, dequantize
-from pallas_kernels.lut_matmul import lut_matmul
+from pallas_kernels import cpu
+from pallas_kernels.lut_matmul import CODE_BLOCK, low_nibble_elements, lut_matmul, packed_columns
 
-MATMUL_PATHS = ("auto", "kernel", "xla")
+MATMUL_PATHS = ("auto", "kernel", "cpu", "xla")
 PARALLEL = (None, "column", "row")
+# Largest M for which "auto" takes the CPU kernel and "xla" the fused reduction;
+# above, dequantize + dot. Both picked from ``python -m benchmarks.cpu_matmul_bench``
+# (docs/design.md §5).
+CPU_KERNEL_MAX_M = 16
+FUSED_MAX_M = 16
 
 
 def check_matmul_path(path: str) -> str:
@@ -23,33 +29,112 @@ def check_matmul_path(path: str) -> str:
     return path
 
 
+def choose_matmul(path: str, m: int, qw: QuantizedWeight) -> str:
+    """What computes ``qmatmul`` for ``m`` rows of x: ``"kernel"`` (Pallas),
+    ``"cpu"`` (the CPU kernel), ``"fused"`` or ``"dequantize"`` (XLA)."""
+    check_matmul_path(path)
+    if path == "kernel" or (path == "auto" and jax.default_backend() == "gpu"):
+        return "kernel"
+    cpu_ok = cpu.supports(qw.group_size, qw.shape[1])
+    if path == "cpu":
+        if not cpu_ok:
+            raise ValueError(f"the CPU kernel takes group sizes that are multiples of 64 (or one group a row); "
+                             f"this weight has {qw.group_size}")
+        if not cpu.available():
+            raise RuntimeError("the CPU kernel could not be built (see the warning above); use path='xla'")
+        return "cpu"
+    if path == "auto" and m <= CPU_KERNEL_MAX_M and cpu_ok and cpu.available():
+        return "cpu"
+    return "fused" if m <= FUSED_MAX_M and _group_bytes(qw) is not None else "dequantize"
+
+
 def qmatmul(x, qw: QuantizedWeight, *, path: str = "auto", **kernel_options):
     """``x @ W^T`` for ``x (..., K)`` and ``W (N, K)`` given by ``qw``; returns ``x.dtype``.
 
     ``path``: ``"kernel"`` = the Pallas LUT matmul (in interpret mode when there
-    is no GPU), ``"xla"`` = dequantize to ``x.dtype`` and ``dot`` with float32
-    accumulation, ``"auto"`` (default) = kernel on a GPU, XLA elsewhere.
-    ``kernel_options`` go to ``lut_matmul``.
+    is no GPU); ``"cpu"`` = the C++ CPU kernel (``pallas_kernels.cpu``);
+    ``"xla"`` = XLA only (a fused reduction over the codes for up to
+    ``FUSED_MAX_M`` rows, else dequantize + ``dot``); ``"auto"`` (default) = the
+    Pallas kernel on a GPU, the CPU kernel for up to ``CPU_KERNEL_MAX_M`` rows on
+    a CPU where it builds, else XLA. ``kernel_options`` go to ``lut_matmul``.
     """
     n, k = qw.shape
     if x.shape[-1] != k:
         raise ValueError(f"input has {x.shape[-1]} features; the quantized weight {qw.shape} expects K = {k}")
-    on_gpu = jax.default_backend() == "gpu"
-    if check_matmul_path(path) == "kernel" or (path == "auto" and on_gpu):
-        kernel_options.setdefault("interpret", not on_gpu)
-        y = lut_matmul(x.reshape(-1, k), qw.codes, qw.lut, qw.scales, qw.zeros, k=k,
-                       group_size=qw.group_size, **kernel_options)
-        return y.reshape(*x.shape[:-1], n)
+    m = x.size // k
+    how = choose_matmul(path, m, qw)
+    x2 = x.reshape(m, k)
+    if how == "kernel":
+        kernel_options.setdefault("interpret", jax.default_backend() != "gpu")
+        y = lut_matmul(x2, qw.codes, qw.lut, qw.scales, qw.zeros, k=k, group_size=qw.group_size, **kernel_options)
+    elif how == "cpu":
+        y = cpu.lut_gemv(x2, qw.codes, qw.lut, qw.scales, qw.zeros, group_size=qw.group_size)
+    elif how == "fused":
+        y = fused_matmul(x2, qw)
+    else:
+        return dequantize_matmul(x, qw)
+    return y.reshape(*x.shape[:-1], n).astype(x.dtype)
+
+
+def dequantize_matmul(x, qw: QuantizedWeight):
+    """XLA ``x @ W^T`` for any M: W dequantized to ``x.dtype``, one ``dot``
+    accumulating in float32 (prefill, large batches)."""
     w = dequantize(qw, x.dtype)
     y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
                             preferred_element_type=jnp.float32)
     return y.astype(x.dtype)
 
 
-def per_shard_qmatmul(x, qw: QuantizedWeight, mesh, parallel: str):
-    """``qmatmul`` on the Pallas kernel, run on each shard with ``shard_map``
-    (a custom kernel is opaque to XLA's partitioner, which would gather whole
-    weights to every device). ``mesh`` axes are ``(data, model)``.
+def _group_bytes(qw: QuantizedWeight):
+    """Packed bytes per group when every group is a run of whole bytes (G a
+    multiple of the 64-element code block, or one group a row); else None."""
+    if qw.group_size % CODE_BLOCK == 0:
+        return qw.group_size // 2
+    return packed_columns(qw.shape[1]) if qw.n_groups == 1 else None
+
+
+def _lookup(lut, codes):
+    """``lut[n, codes[n, ...]]`` as a select tree on the code bits: elementwise,
+    so XLA fuses it into the consumer (a gather would not vectorize)."""
+    values = [lut[:, j].reshape(-1, *([1] * (codes.ndim - 1))) for j in range(lut.shape[1])]
+    bit = 0
+    while len(values) > 1:
+        take_odd = ((codes >> bit) & 1).astype(bool)
+        values = [jnp.where(take_odd, values[i + 1], values[i]) for i in range(0, len(values), 2)]
+        bit += 1
+    return values[0]
+
+
+def fused_matmul(x, qw: QuantizedWeight):
+    """XLA ``x @ W^T`` for ``x (M, K)`` with small M, float32, without building W.
+
+    ``x`` is permuted into the codes' storage order (low and high nibbles), so
+    one reduction over each group's bytes computes ``sum_k x[k] * lut[code]``;
+    XLA fuses unpacking, lookup and multiply into it. Then ``y = sum_g t * scale
+    + group_sums(x) @ zeros^T``. Work per weight does not shrink with M, so this
+    is for decode (``FUSED_MAX_M``).
+    """
+    n, k = qw.shape
+    m = x.shape[0]
+    group_bytes = _group_bytes(qw)
+    groups = qw.n_groups
+    cols = groups * group_bytes
+    codes = jnp.pad(qw.codes, ((0, 0), (0, cols - qw.codes.shape[1]))).reshape(n, groups, group_bytes)
+    x = x.astype(jnp.float32)
+    low = low_nibble_elements(2 * cols)
+    xp = jnp.pad(x, ((0, 0), (0, 2 * cols - k)))  # zeros: the padding adds nothing
+    x_low, x_high = (xp[:, low + i].reshape(m, 1, groups, group_bytes) for i in (0, 1))
+    lut = qw.lut.astype(jnp.float32)
+    t = (_lookup(lut, codes & 15) * x_low + _lookup(lut, codes >> 4) * x_high).sum(-1)  # (M, N, groups)
+    y = (t * qw.scales.astype(jnp.float32)).sum(-1)
+    group_sums = (x_low + x_high).sum(-1).reshape(m, groups)
+    return y + group_sums @ qw.zeros.astype(jnp.float32).T
+
+
+def per_shard_qmatmul(x, qw: QuantizedWeight, mesh, parallel: str, path: str = "kernel"):
+    """``qmatmul`` on a kernel (``path``: ``"kernel"`` or ``"cpu"``), run on each
+    shard with ``shard_map`` (a custom kernel is opaque to XLA's partitioner,
+    which would gather whole weights to every device). ``mesh`` axes are ``(data, model)``.
     ``parallel``: ``"column"`` (rows of W split; the output comes out split along
     N) or ``"row"`` (K split; the partial products are summed with ``psum``). The
     batch dimension is split over ``data`` when it divides."""
@@ -69,7 +154,7 @@ def per_shard_qmatmul(x, qw: QuantizedWeight, mesh, parallel: str):
 
     def local(x, codes, lut, scales, zeros):
         w = QuantizedWeight(codes, lut, scales, zeros, local_shape, qw.bits, qw.group_size, qw.fmt)
-        y = qmatmul(x, w, path="kernel")
+        y = qmatmul(x, w, path=path)
         if parallel == "row":
             y = jax.lax.psum(y.astype(jnp.float32), model).astype(x.dtype)
         return y
@@ -85,9 +170,9 @@ def quantized_dense(x, qw: QuantizedWeight, bias=None, *, dtype=None, path: str 
     ``x.dtype``), ``qmatmul`` (per shard on a mesh with the kernel path), add ``bias``."""
     dtype = dtype or x.dtype
     x = x.astype(dtype)
-    kernel = path == "kernel" or (path == "auto" and jax.default_backend() == "gpu")
-    if mesh is not None and parallel is not None and kernel:
-        y = per_shard_qmatmul(x, qw, mesh, parallel)
+    how = choose_matmul(path, x.size // x.shape[-1], qw)
+    if mesh is not None and parallel is not None and how in ("kernel", "cpu"):
+        y = per_shard_qmatmul(x, qw, mesh, parallel, how)
     else:
         y = qmatmul(x, qw, path=path)
     return y if bias is None else y + bias.astype(dtype)

@@ -36,6 +36,7 @@ from importlib import resources
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
@@ -62,6 +63,17 @@ def pack_codes(codes):
     c = jnp.pad(codes, ((0, 0), (0, -k % CODE_BLOCK))).reshape(n, -1, 2, 8, 2, 2)
     byte = c[..., 0] | (c[..., 1] << 4)                    # (n, block, half, word, pair)
     return byte.transpose(0, 1, 3, 2, 4).reshape(n, -1)    # word-major: [half0 pairs, half1 pairs]
+
+
+def low_nibble_elements(k: int) -> np.ndarray:
+    """``(packed_columns(K),)``: the element (of K padded to whole blocks) whose
+    code is the low nibble of each packed byte; the high nibble holds the next
+    element. Lets a consumer permute ``x`` into the storage order instead of
+    unpacking the codes."""
+    j = np.arange(HALF)
+    word, half, pair = j // 4, (j // 2) % 2, j % 2
+    low = half * HALF + 4 * word + 2 * pair
+    return (np.arange(packed_columns(k) // HALF)[:, None] * CODE_BLOCK + low).reshape(-1)
 
 
 def unpack_codes(packed, k: int):

@@ -110,11 +110,11 @@ def test_quant_dense_on_kernel_equals_xla_path(rng):
 
 
 def test_matmul_path_errors(monkeypatch):
-    with pytest.raises(ValueError, match="'cuda'; accepted: auto, kernel, xla"):
+    with pytest.raises(ValueError, match="'cuda'; accepted: auto, kernel, cpu, xla"):
         qmatmul(jnp.ones((1, 64)), quantize_tensor(np.ones((8, 64), np.float32), "int4", 32), path="cuda")
     from any4_jax.cli import matmul_from_env
     monkeypatch.setenv("ANY4_JAX_MATMUL", "cuda")
-    with pytest.raises(ValueError, match="ANY4_JAX_MATMUL='cuda'; accepted: auto, kernel, xla"):
+    with pytest.raises(ValueError, match="ANY4_JAX_MATMUL='cuda'; accepted: auto, kernel, cpu, xla"):
         matmul_from_env()
 
 

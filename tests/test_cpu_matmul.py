@@ -1,0 +1,180 @@
+"""The CPU paths of ``qmatmul`` (docs/design.md §5): the C++ kernel (each of its
+AVX-512, AVX2 and scalar builds) and XLA's fused reduction and dequantize + dot,
+against a float64 numpy formula that decodes the packed bytes by hand."""
+
+import ctypes
+import subprocess
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from any4_jax import load_model, quantize_tensor
+from any4_jax import layers
+from any4_jax.layers import choose_matmul, qmatmul
+from pallas_kernels import cpu
+
+FORMAT_OF_BITS = {4: "any4", 3: "any3", 2: "int2"}
+
+
+def reference(x, qw):
+    """``x @ W^T`` in float64 from the documented layout: byte j of each 32-byte
+    block holds element 32h + 4w + 2p (low nibble) and the next one (high),
+    w = j // 4, h = (j // 2) % 2, p = j % 2."""
+    codes = np.asarray(qw.codes)
+    n, k = qw.shape
+    full = np.zeros((n, 2 * codes.shape[1]), np.int64)
+    for j in range(codes.shape[1]):
+        block, b = divmod(j, 32)
+        e = 64 * block + 32 * ((b // 2) % 2) + 4 * (b // 4) + 2 * (b % 2)
+        full[:, e], full[:, e + 1] = codes[:, j] & 15, codes[:, j] >> 4
+    full = full[:, :k]
+    f64 = lambda a: np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+    group = np.arange(k) // qw.group_size
+    w = np.take_along_axis(f64(qw.lut), full, axis=1) * f64(qw.scales)[:, group] + f64(qw.zeros)[:, group]
+    return f64(x) @ w.T
+
+
+# (M, K, N, group size, bits, metadata dtype): K not a multiple of 64 or of G,
+# one group a row, N not a multiple of the kernel's row tile, M past one x tile.
+CASES = [
+    (1, 576, 1536, 128, 4, "bfloat16"),
+    (1, 7, 33, None, 4, "bfloat16"),
+    (3, 576, 43, None, 3, "float16"),
+    (5, 4096, 64, 64, 4, "bfloat16"),
+    (9, 1000, 48, 256, 4, "float16"),
+    (16, 200, 24, None, 2, "float32"),
+    (17, 640, 41, 128, 4, "bfloat16"),
+]
+
+
+def make(rng, m, k, n, g, bits, storage, x_dtype=jnp.float32):
+    w = (rng.standard_t(4, size=(n, k)) * 0.02).astype(np.float32)
+    qw = quantize_tensor(w, FORMAT_OF_BITS[bits], g, n_init=1, storage_dtype=storage)
+    return jnp.asarray(rng.standard_normal((m, k)), x_dtype), qw
+
+
+def close(y, ref, rtol=2e-5):  # float32 sums of up to 4096 terms; a wrong code is ~1e-1
+    y = np.asarray(y, np.float64)
+    np.testing.assert_allclose(y, ref, rtol=0, atol=rtol * np.abs(ref).max())
+
+
+needs_kernel = pytest.mark.skipif(not cpu.available(), reason="the CPU kernel could not be built here (see warning)")
+
+
+@needs_kernel
+@pytest.mark.parametrize("m, k, n, g, bits, storage", CASES)
+def test_cpu_kernel_matches_reference(rng, m, k, n, g, bits, storage):
+    x, qw = make(rng, m, k, n, g, bits, storage)
+    close(jax.jit(lambda x, q: qmatmul(x, q, path="cpu"))(x, qw), reference(x, qw))
+
+
+@pytest.mark.parametrize("m, k, n, g, bits, storage", CASES)
+def test_xla_paths_match_reference(rng, m, k, n, g, bits, storage):
+    x, qw = make(rng, m, k, n, g, bits, storage)
+    assert choose_matmul("xla", m, qw) == ("fused" if m <= layers.FUSED_MAX_M else "dequantize")
+    close(qmatmul(x, qw, path="xla"), reference(x, qw))
+    close(layers.dequantize_matmul(x, qw), reference(x, qw))
+
+
+@needs_kernel
+def test_cpu_kernel_takes_leading_dims_and_bf16_x(rng):
+    x, qw = make(rng, 6, 576, 100, 128, 4, "bfloat16", jnp.bfloat16)
+    x = x.reshape(2, 3, 576)
+    y = qmatmul(x, qw, path="cpu")
+    assert y.shape == (2, 3, 100) and y.dtype == jnp.bfloat16
+    close(y.reshape(6, 100), reference(x.reshape(6, 576), qw), rtol=8e-3)  # one bf16 rounding of y
+
+
+@pytest.mark.parametrize("flags", [["-march=native", "-mno-avx512f"], ["-march=x86-64"]], ids=["avx2", "scalar"])
+def test_other_instruction_sets_match_reference(rng, flags, tmp_path):
+    """The AVX2 and the plain C++ loops, built here as another FFI target."""
+    compiler = cpu._compiler()
+    if compiler is None:
+        pytest.skip("no C++ compiler on this machine")
+    if "-mno-avx512f" in flags and "avx2" not in cpu._cpu_id():
+        pytest.skip("this CPU has no AVX2")
+    lib = tmp_path / "lib.so"
+    subprocess.run([compiler, "-O2", *flags, "-std=c++17", "-shared", "-fPIC", "-w",
+                    f"-I{jax.ffi.include_dir()}", str(cpu.resources.files("pallas_kernels") / cpu.SOURCE),
+                    "-o", str(lib)], check=True)
+    target = "any4_test_" + flags[-1].replace("-", "_").replace("=", "_")
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(ctypes.cdll.LoadLibrary(str(lib)).Any4LutGemv),
+                                platform="cpu")
+    for m, k, n, g, bits, storage in CASES:
+        x, qw = make(rng, m, k, n, g, bits, storage)
+        y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32))(
+            x, qw.codes, qw.lut, qw.scales, qw.zeros, group_size=np.int64(qw.group_size))
+        close(y, reference(x, qw))
+
+
+def test_auto_picks_by_rows_and_group_size(rng):
+    _, qw = make(rng, 1, 256, 8, 128, 4, "bfloat16")
+    _, qw32 = make(rng, 1, 256, 8, 32, 4, "bfloat16")
+    small = "cpu" if cpu.available() else "fused"
+    assert choose_matmul("auto", 1, qw) == choose_matmul("auto", layers.CPU_KERNEL_MAX_M, qw) == small
+    assert choose_matmul("auto", layers.CPU_KERNEL_MAX_M + 1, qw) == "dequantize"
+    assert choose_matmul("auto", 1, qw32) == "dequantize"  # G = 32: neither the kernel nor the fused sum
+    assert choose_matmul("kernel", 1, qw) == "kernel"
+    with pytest.raises(ValueError, match="multiples of 64.*has 32"):
+        choose_matmul("cpu", 1, qw32)
+    with pytest.raises(ValueError, match="unknown matmul path 'fast'.*auto, kernel, cpu, xla"):
+        choose_matmul("fast", 1, qw)
+
+
+def test_without_a_compiler_auto_falls_back_to_xla(rng, monkeypatch):
+    x, qw = make(rng, 2, 576, 64, 128, 4, "bfloat16")
+    monkeypatch.setattr(cpu, "_compiler", lambda: None)
+    monkeypatch.setattr(cpu, "cache_dir", lambda: Path("/nonexistent-any4-test"))
+    cpu.available.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="CPU LUT kernel is not available.*no C\\+\\+ compiler"):
+            assert not cpu.available()
+        assert choose_matmul("auto", 2, qw) == "fused"
+        close(qmatmul(x, qw), reference(x, qw))
+        with pytest.raises(RuntimeError, match="could not be built.*path='xla'"):
+            qmatmul(x, qw, path="cpu")
+    finally:
+        monkeypatch.undo()
+        cpu.available.cache_clear()
+
+
+def test_switched_off_by_environment(monkeypatch):
+    monkeypatch.setenv(cpu.ENV_OFF, "0")
+    cpu.available.cache_clear()
+    try:
+        assert not cpu.available()
+    finally:
+        monkeypatch.undo()
+        cpu.available.cache_clear()
+
+
+@needs_kernel
+def test_build_is_cached():
+    first = cpu.build()
+    mtime = first.stat().st_mtime_ns
+    assert cpu.build() == first and first.stat().st_mtime_ns == mtime
+    assert not [p for p in first.parent.iterdir() if p.name.startswith("tmp")]  # no half-built leftovers
+
+
+@needs_kernel
+def test_real_model_decode_step_cpu_kernel_vs_xla(smollm2_any4):
+    """SmolLM2 any4: logits of a prompt and of one decode step through the kernel
+    equal those through XLA (float32 sums in another order)."""
+    from any4_jax.generation import decode_step
+    from any4_jax.models import init_cache
+    logits = {}
+    for path in ("cpu", "xla"):
+        model, params, tok = load_model(smollm2_any4, matmul=path)
+        ids = jnp.asarray([tok("The capital of France is")["input_ids"]], jnp.int32)
+        prompt_logits = model.apply({"params": params}, ids)
+        cache = init_cache(model.config, 1, 64)
+        n = ids.shape[1]
+        _, cache = model.apply({"params": params}, ids, None, jnp.arange(n)[None], cache=cache)
+        step, _ = decode_step(model, params, ids[:, -1], jnp.asarray([n]), cache)
+        logits[path] = np.asarray(prompt_logits[0, -1]), np.asarray(step[0])
+    for ours, xla in zip(logits["cpu"], logits["xla"]):
+        np.testing.assert_allclose(ours, xla, rtol=0, atol=1e-3 * np.abs(xla).max())
+        assert ours.argmax() == xla.argmax()
