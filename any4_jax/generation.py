@@ -1,9 +1,16 @@
-"""``jax.jit`` generation: padded prefill, then one compiled decode step with a KV cache.
+"""``jax.jit`` generation: padded prefill, then decode loops that run on the device.
 
-Shapes are static so that nothing recompiles per token: prompts are left-padded
-to a length bucket (a power of two), and the cache is preallocated to a bucket
-(a multiple of ``CACHE_BUCKET``) that holds prompt and new tokens. The cache is
-donated from step to step.
+Decoding runs ``DECODE_CHUNK`` steps at a time inside one jitted
+``lax.while_loop`` (model step, sampling and stop-token tracking on the device,
+the KV cache donated from call to call); the host sees each chunk's tokens (for
+``stream``) and stops when every row has stopped. Shapes are static, so nothing
+recompiles per token or per length: prompts are left-padded to a length bucket
+(a power of two, at least 16) and the cache is preallocated to a multiple of
+``CACHE_BUCKET`` that holds prompt and new tokens. The prefill and the decode
+loop compile once per (batch size, prompt bucket, cache length); the number of
+new tokens is a traced value, so 5 or 200 new tokens after a 16-token prompt use
+the same compiled loop (cache 256), while 300 need a cache of 512 and compile it
+again.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import numpy as np
 from any4_jax.models import init_cache
 
 CACHE_BUCKET = 256
+DECODE_CHUNK = 16  # decode steps per device loop (and per ``stream`` delivery)
 
 
 def _bucket(n: int, minimum: int = 16) -> int:
@@ -33,8 +41,8 @@ def _prefill(model, params, ids, mask, cache):
     return logits[:, -1], cache, positions[:, -1]
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
-def _decode_step(model, params, token, position, cache):
+def decode_step(model, params, token, position, cache):
+    """One model step: logits ``(B, V)`` for ``token (B,)`` at ``position (B,)``, and the cache."""
     logits, cache = model.apply({"params": params}, token[:, None], None, position[:, None], cache=cache)
     return logits[:, -1], cache
 
@@ -80,6 +88,32 @@ def sample(logits, key, *, temperature: float = 0.0, top_k: int | None = None, t
     return _sample(logits, key, temperature=float(temperature), top_k=top_k, top_p=top_p)
 
 
+@functools.partial(jax.jit, static_argnames=("model", "temperature", "top_k", "top_p"), donate_argnames="cache")
+def _decode_loop(model, params, token, position, cache, key, done, stop_ids, steps, *, temperature, top_k, top_p):
+    """Up to ``min(steps, DECODE_CHUNK)`` decode steps, fewer if every row has
+    stopped: each feeds ``token`` to the model and samples the next one. Returns
+    the new tokens ``(B, DECODE_CHUNK)``, how many were made, and the state to
+    continue from."""
+    out = jnp.zeros((token.shape[0], DECODE_CHUNK), jnp.int32)
+
+    def more(state):
+        i, _, _, _, _, done, _ = state
+        return (i < jnp.minimum(steps, DECODE_CHUNK)) & ~jnp.all(done)
+
+    def step(state):
+        i, token, position, cache, key, done, out = state
+        position = position + 1
+        logits, cache = decode_step(model, params, token, position, cache)
+        key, sub = jax.random.split(key)
+        token = _sample(logits, sub, temperature=temperature, top_k=top_k, top_p=top_p).astype(jnp.int32)
+        done = done | (token[:, None] == stop_ids[None]).any(-1)
+        return i + 1, token, position, cache, key, done, out.at[:, i].set(token)
+
+    state = jax.lax.while_loop(more, step, (jnp.int32(0), token, position, cache, key, done, out))
+    count, token, position, cache, key, done, out = state
+    return out, count, token, position, cache, key, done
+
+
 def encode_prompts(tokenizer, prompts, chat: bool = False) -> list[list[int]]:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -104,8 +138,11 @@ def generate_ids(model, params, prompt_ids: Sequence[Sequence[int]], *, max_new_
                  stats: dict | None = None) -> list[list[int]]:
     """New token ids for each prompt (prompt excluded; a stop token ends a row and is kept).
 
-    ``stream(step, tokens)`` is called after each step with the ``(B,)`` new
-    tokens. ``stats``, if given, receives prefill/decode timings.
+    ``stream(step, tokens)`` is called for each step with the ``(B,)`` new
+    tokens, as each chunk of ``DECODE_CHUNK`` steps comes back from the device.
+    ``stats``, if given, receives prefill/decode timings: ``decode_seconds`` in
+    all, ``decode_device_seconds`` of it waiting for the decode loops (the rest
+    is host work).
     """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
@@ -131,35 +168,40 @@ def generate_ids(model, params, prompt_ids: Sequence[Sequence[int]], *, max_new_
     cache = init_cache(model.config, b, cache_len, cache_dtype)
 
     key = jax.random.PRNGKey(seed)
-    stop_ids = jnp.asarray(list(stop) or [-1], jnp.int32)
+    stop_ids = np.asarray(list(stop) or [-1], np.int32)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     t0 = time.perf_counter()
     logits, cache, position = _prefill(model, params, jnp.asarray(ids), jnp.asarray(mask), cache)
     logits.block_until_ready()
     t1 = time.perf_counter()
-    out = np.zeros((b, max_new_tokens), np.int64)
-    done = np.zeros(b, bool)
-    steps = 0
-    for step in range(max_new_tokens):
-        key, sub = jax.random.split(key)
-        token = _sample(logits, sub, temperature=temperature, top_k=top_k, top_p=top_p)
-        tok = np.asarray(token)
-        out[:, step] = tok
-        steps = step + 1
+    key, sub = jax.random.split(key)
+    token = _sample(logits, sub, **sampling).astype(jnp.int32)  # the first new token, from the prefill
+    key = np.asarray(key)  # host values in, device values out: every call sees the same kinds of arrays
+    first = np.asarray(token)
+    done = np.isin(first, stop_ids)
+    chunks, steps, device_seconds = [first[:, None]], 1, 0.0
+    if stream is not None:
+        stream(0, first)
+    while steps < max_new_tokens and not done.all():
+        t = time.perf_counter()
+        new, count, token, position, cache, key, done_dev = _decode_loop(
+            model, params, token, position, cache, key, done, stop_ids, np.int32(max_new_tokens - steps), **sampling)
+        new, count, done, key = np.asarray(new), int(count), np.asarray(done_dev), np.asarray(key)
+        device_seconds += time.perf_counter() - t
+        chunks.append(new[:, :count])
         if stream is not None:
-            stream(step, tok)
-        done |= np.isin(tok, np.asarray(stop_ids))
-        if done.all() or step == max_new_tokens - 1:
-            break
-        position = position + 1
-        logits, cache = _decode_step(model, params, token.astype(jnp.int32), position, cache)
+            for i in range(count):
+                stream(steps + i, new[:, i])
+        steps += count
     t2 = time.perf_counter()
-    if stats is not None:
-        stats.update(prefill_tokens=int(mask.sum()), prefill_seconds=t1 - t0,
-                     decode_tokens=(steps - 1) * b, decode_seconds=t2 - t1)  # the first token came from prefill
+    out = np.concatenate(chunks, axis=1)
+    if stats is not None:  # the first token came from the prefill: decode made the others
+        stats.update(prefill_tokens=int(mask.sum()), prefill_seconds=t1 - t0, decode_tokens=(steps - 1) * b,
+                     decode_seconds=t2 - t1, decode_steps=steps - 1, decode_device_seconds=device_seconds)
     results = []
     for row in out[:, :steps]:
         row = row.tolist()
-        hit = [i for i, t in enumerate(row) if t in set(np.asarray(stop_ids).tolist())]
+        hit = [i for i, t in enumerate(row) if t in set(stop_ids.tolist())]
         results.append(row[: hit[0] + 1] if hit else row)
     return results
 

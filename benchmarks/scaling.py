@@ -32,7 +32,7 @@ def worker(n, rows, cols):
     import numpy as np
 
     from any4_jax import quantize_tensor
-    from any4_jax.generation import _decode_step
+    from any4_jax.generation import decode_step
     from any4_jax.quantize import QuantDenseFactory, Recipe
     from any4_jax.models import ModelConfig, Transformer, init_cache
     from any4_jax.sharding import make_mesh, shard_params
@@ -53,14 +53,15 @@ def worker(n, rows, cols):
     latency = {}
     for name, model in [("float", Transformer(config)),
                         ("any4", Transformer(config).clone(dense=QuantDenseFactory(Recipe("any4", 128))))]:
+        step = jax.jit(decode_step, static_argnums=0, donate_argnums=4)
         params = shard_params(random_params(model, jax.random.PRNGKey(0), jnp.float32), mesh)
         cache = init_cache(config, 8, 256)
         token, pos = jnp.zeros(8, jnp.int32), jnp.zeros(8, jnp.int32)
-        _, cache = _decode_step(model, params, token, pos, cache)
+        _, cache = step(model, params, token, pos, cache)
         times = []
         for _ in range(10):
             t = time.perf_counter()
-            logits, cache = _decode_step(model, params, token, pos, cache)
+            logits, cache = step(model, params, token, pos, cache)
             logits.block_until_ready()
             times.append(time.perf_counter() - t)
         latency[name] = float(np.median(times))

@@ -51,13 +51,39 @@ def test_batch_of_different_lengths_equals_each_alone(tiny_model):
         assert b == gen.generate_ids(model, params, [p], max_new_tokens=12)[0]
 
 
-def test_decode_step_compiles_once(tiny_model):
+def test_decode_loop_compiles_once_per_cache_bucket(tiny_model, monkeypatch, caplog):
+    """After a 3-token prompt (bucket 16), 5, 50 or 112 new tokens share one
+    cache length (here a bucket of 128) and so one compiled prefill and decode
+    loop; 200 need a cache of 256, which compiles both once more."""
+    import logging
+
+    import jax
+    monkeypatch.setattr(gen, "CACHE_BUCKET", 128)  # the tiny model's context is 256
     _, flax_dir = tiny_model("llama")
     model, params, _ = load_model(flax_dir)
-    gen.generate_ids(model, params, [[1, 2, 3]], max_new_tokens=5)
-    after_5 = gen._decode_step._cache_size()
-    gen.generate_ids(model, params, [[1, 2, 3]], max_new_tokens=50)
-    assert gen._decode_step._cache_size() == after_5
+
+    def compiles(n):
+        caplog.clear()
+        with jax.log_compiles(), caplog.at_level(logging.WARNING):
+            assert len(gen.generate_ids(model, params, [[1, 2, 3]], max_new_tokens=n)[0]) == n
+        return {f: sum(f"XLA compilation of jit({f})" in r.getMessage() for r in caplog.records)
+                for f in ("_prefill", "_decode_loop")}
+
+    gen._prefill.clear_cache()
+    gen._decode_loop.clear_cache()
+    assert compiles(5) == {"_prefill": 1, "_decode_loop": 1}  # control: compilations are seen
+    assert compiles(50) == compiles(112) == {"_prefill": 0, "_decode_loop": 0}
+    assert compiles(200) == {"_prefill": 1, "_decode_loop": 1}
+
+
+def test_stream_sees_every_token_in_order(tiny_model):
+    _, flax_dir = tiny_model("llama")
+    model, params, _ = load_model(flax_dir)
+    seen = []
+    out = gen.generate_ids(model, params, [[5, 6], [7]], max_new_tokens=2 * gen.DECODE_CHUNK + 3,
+                           stream=lambda step, tokens: seen.append((step, tokens.tolist())))
+    assert [step for step, _ in seen] == list(range(2 * gen.DECODE_CHUNK + 3))
+    assert [[t[i] for _, t in seen] for i in range(2)] == out
 
 
 def test_decode_rate_counts_model_steps(tiny_model):
