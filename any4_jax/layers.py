@@ -19,8 +19,8 @@ PARALLEL = (None, "column", "row")
 # Largest M for which "auto" takes the CPU kernel and "xla" the fused reduction;
 # above, dequantize + dot. Both picked from ``python -m benchmarks.cpu_matmul_bench``
 # (docs/design.md §5).
-CPU_KERNEL_MAX_M = 16
-FUSED_MAX_M = 16
+CPU_KERNEL_MAX_M = 64
+FUSED_MAX_M = 8
 
 
 def check_matmul_path(path: str) -> str:

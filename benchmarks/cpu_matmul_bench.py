@@ -16,6 +16,7 @@ faster than float32), measured in the same run. ``layers.CPU_KERNEL_MAX_M`` and
 """
 
 import argparse
+import os
 import platform
 import time
 from pathlib import Path
@@ -65,8 +66,7 @@ def main():
         raise SystemExit("the CPU kernel could not be built; see the warning")
     device = jax.devices()[0]
     lines = [f"Written by `python -m benchmarks.cpu_matmul_bench --m {' '.join(map(str, args.m))} --runs {args.runs}` "
-             f"on {platform.machine()} {device.platform} ({jax.device_count()} device, {len(jax.devices())} "
-             f"visible), jax {jax.__version__}. Per-layer ms, median of {args.runs} runs; (x) = float32 time / "
+             f"on {platform.machine()} {device.platform} with {os.cpu_count()} cores, jax {jax.__version__}. Per-layer ms, median of {args.runs} runs; (x) = float32 time / "
              f"this time. When written: `CPU_KERNEL_MAX_M` = {CPU_KERNEL_MAX_M}, `FUSED_MAX_M` = {FUSED_MAX_M}.", "",
              "| K -> N | M | " + " | ".join(PATHS) + " |", "|---|---|" + "---|" * len(PATHS)]
 

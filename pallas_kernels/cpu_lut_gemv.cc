@@ -17,7 +17,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <new>
+#include <memory>
 #include <thread>
 #include <vector>
 #if defined(__AVX2__)
@@ -33,33 +33,42 @@ constexpr int64_t kBlock = 64;       // elements per packed block
 constexpr int64_t kBlockBytes = 32;  // bytes per packed block
 constexpr int64_t kMinParallelBytes = 1 << 20;  // rows of x times code bytes
 
-// One element of a LUT/scale/zero buffer as float32 (bf16, f16 or f32 storage).
-float Load(const void* base, ffi::DataType type, int64_t i) {
-  if (type == ffi::DataType::F32) return static_cast<const float*>(base)[i];
-  const uint16_t h = static_cast<const uint16_t*>(base)[i];
-  uint32_t bits;
-  if (type == ffi::DataType::BF16) {
-    bits = static_cast<uint32_t>(h) << 16;
-  } else {  // F16
-    const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
-    uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF;
-    if (exp == 0x1F) {
-      bits = sign | 0x7F800000 | (man << 13);
-    } else if (exp == 0) {
-      if (man == 0) {
-        bits = sign;
-      } else {  // subnormal: normalise
-        int e = -1;
-        do { ++e; man <<= 1; } while (!(man & 0x400));
-        bits = sign | static_cast<uint32_t>(127 - 15 - e) << 23 | (man & 0x3FF) << 13;
-      }
-    } else {
-      bits = sign | (exp + 112) << 23 | man << 13;
+float Half(uint16_t h) {  // IEEE half -> float
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000 | (man << 13);
+  } else if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: normalise
+      int e = -1;
+      do { ++e; man <<= 1; } while (!(man & 0x400));
+      bits = sign | static_cast<uint32_t>(127 - 15 - e) << 23 | (man & 0x3FF) << 13;
     }
+  } else {
+    bits = sign | (exp + 112) << 23 | man << 13;
   }
   float f;
   std::memcpy(&f, &bits, 4);
   return f;
+}
+
+// Elements [start, start + count) of a LUT/scale/zero buffer as float32.
+void Convert(const void* base, ffi::DataType type, int64_t start, int64_t count, float* out) {
+  if (type == ffi::DataType::F32) {
+    std::memcpy(out, static_cast<const float*>(base) + start, count * sizeof(float));
+    return;
+  }
+  const uint16_t* h = static_cast<const uint16_t*>(base) + start;
+  if (type == ffi::DataType::BF16) {
+    for (int64_t i = 0; i < count; ++i) {
+      const uint32_t bits = static_cast<uint32_t>(h[i]) << 16;
+      std::memcpy(out + i, &bits, 4);
+    }
+  } else {
+    for (int64_t i = 0; i < count; ++i) out[i] = Half(h[i]);
+  }
 }
 
 struct Problem {
@@ -80,7 +89,7 @@ inline Vec Fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline float Sum(Vec v) { return _mm512_reduce_add_ps(v); }
 struct Table {  // a row's 16 LUT entries times the group's scale
   __m512 t;
-  Table(const float* lut, float scale) : t(_mm512_mul_ps(_mm512_load_ps(lut), _mm512_set1_ps(scale))) {}
+  void Set(const float* lut, float scale) { t = _mm512_mul_ps(_mm512_load_ps(lut), _mm512_set1_ps(scale)); }
   // entries of the low and high nibbles of 16 code bytes
   void Lookup(const uint8_t* codes, Vec& lo, Vec& hi) const {
     const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
@@ -101,7 +110,7 @@ inline float Sum(Vec v) {
 }
 struct Table {  // entries 0-7 and 8-15, chosen by bit 3 of the code
   __m256 t0, t1;
-  Table(const float* lut, float scale) {
+  void Set(const float* lut, float scale) {
     const __m256 s = _mm256_set1_ps(scale);
     t0 = _mm256_mul_ps(_mm256_load_ps(lut), s);
     t1 = _mm256_mul_ps(_mm256_load_ps(lut + 8), s);
@@ -126,29 +135,37 @@ inline Vec Fma(Vec a, Vec b, Vec c) { return a * b + c; }
 inline float Sum(Vec v) { return v; }
 struct Table {
   float t[16];
-  Table(const float* lut, float scale) { for (int j = 0; j < 16; ++j) t[j] = lut[j] * scale; }
+  void Set(const float* lut, float scale) { for (int j = 0; j < 16; ++j) t[j] = lut[j] * scale; }
   void Lookup(const uint8_t* codes, Vec& lo, Vec& hi) const { lo = t[*codes & 15]; hi = t[*codes >> 4]; }
 };
 #endif
 
+// Rows [n0, n0 + NB) of W's metadata as float32 (the LUT padded to 16 entries).
+struct Meta {
+  alignas(64) float lut[kRowsW][16];
+  std::vector<float> scales, zeros;  // (NB, groups)
+  void Read(const Problem& a, int64_t n0, int nb) {
+    scales.resize(nb * a.groups);
+    zeros.resize(nb * a.groups);
+    std::memset(lut, 0, sizeof(lut));
+    for (int r = 0; r < nb; ++r) Convert(a.lut, a.lut_type, (n0 + r) * a.levels, a.levels, lut[r]);
+    Convert(a.scales, a.scales_type, n0 * a.groups, nb * a.groups, scales.data());
+    Convert(a.zeros, a.zeros_type, n0 * a.groups, nb * a.groups, zeros.data());
+  }
+};
+
 // y[m0 : m0 + MB, n0 : n0 + NB]: each code byte is looked up once per tile and
 // used for MB rows of x; each load of x is used for NB rows of W.
 template <int NB, int MB>
-void Tile(const Problem& a, int64_t n0, int64_t m0) {
-  alignas(64) float lut[NB][16] = {};
-  for (int r = 0; r < NB; ++r)
-    for (int64_t j = 0; j < a.levels; ++j) lut[r][j] = Load(a.lut, a.lut_type, (n0 + r) * a.levels + j);
+void Tile(const Problem& a, const Meta& meta, int64_t n0, int64_t m0) {
   Vec acc[NB][MB];
   float zero_terms[NB][MB] = {};
   for (int r = 0; r < NB; ++r)
     for (int i = 0; i < MB; ++i) acc[r][i] = Zero();
   for (int64_t g = 0; g < a.groups; ++g) {
     const int64_t b0 = g * a.group_bytes, b1 = std::min(a.p, b0 + a.group_bytes);
-    const Table* tables;
-    alignas(64) unsigned char storage[NB * sizeof(Table)];
-    for (int r = 0; r < NB; ++r)
-      new (storage + r * sizeof(Table)) Table(lut[r], Load(a.scales, a.scales_type, (n0 + r) * a.groups + g));
-    tables = reinterpret_cast<const Table*>(storage);
+    Table tables[NB];
+    for (int r = 0; r < NB; ++r) tables[r].Set(meta.lut[r], meta.scales[r * a.groups + g]);
     for (int64_t b = b0; b < b1; b += kStep) {
       Vec lo[NB], hi[NB];
       for (int r = 0; r < NB; ++r) tables[r].Lookup(a.codes + (n0 + r) * a.p + b, lo[r], hi[r]);
@@ -157,30 +174,37 @@ void Tile(const Problem& a, int64_t n0, int64_t m0) {
         for (int r = 0; r < NB; ++r) acc[r][i] = Fma(hi[r], xh, Fma(lo[r], xl, acc[r][i]));
       }
     }
-    for (int r = 0; r < NB; ++r) {
-      const float zero = Load(a.zeros, a.zeros_type, (n0 + r) * a.groups + g);
-      for (int i = 0; i < MB; ++i) zero_terms[r][i] += zero * a.group_sums[(m0 + i) * a.groups + g];
-    }
+    for (int r = 0; r < NB; ++r)
+      for (int i = 0; i < MB; ++i) zero_terms[r][i] += meta.zeros[r * a.groups + g] * a.group_sums[(m0 + i) * a.groups + g];
   }
   for (int r = 0; r < NB; ++r)
     for (int i = 0; i < MB; ++i) a.y[(m0 + i) * a.n + n0 + r] = Sum(acc[r][i]) + zero_terms[r][i];
 }
 
 template <int NB, int MB = kRowsX>
-void TileUpTo(const Problem& a, int64_t n0, int64_t m0, int64_t rows) {
+void TileUpTo(const Problem& a, const Meta& meta, int64_t n0, int64_t m0, int64_t rows) {
   if constexpr (MB > 1) {
-    if (rows < MB) return TileUpTo<NB, MB - 1>(a, n0, m0, rows);
+    if (rows < MB) return TileUpTo<NB, MB - 1>(a, meta, n0, m0, rows);
   }
-  Tile<NB, MB>(a, n0, m0);
+  Tile<NB, MB>(a, meta, n0, m0);
 }
 
 // Rows [n0, n1) of W against all rows of x.
 void Block(const Problem& a, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + kRowsW <= n1; n += kRowsW)
-    for (int64_t m0 = 0; m0 < a.m; m0 += kRowsX) TileUpTo<kRowsW>(a, n, m0, std::min<int64_t>(kRowsX, a.m - m0));
-  for (; n < n1; ++n)
-    for (int64_t m0 = 0; m0 < a.m; m0 += kRowsX) TileUpTo<1>(a, n, m0, std::min<int64_t>(kRowsX, a.m - m0));
+  Meta meta;
+  for (int64_t n = n0; n < n1;) {
+    const int nb = n + kRowsW <= n1 ? kRowsW : 1;
+    meta.Read(a, n, nb);
+    for (int64_t m0 = 0; m0 < a.m; m0 += kRowsX) {
+      const int64_t rows = std::min<int64_t>(kRowsX, a.m - m0);
+      if (nb == kRowsW) {
+        TileUpTo<kRowsW>(a, meta, n, m0, rows);
+      } else {
+        TileUpTo<1>(a, meta, n, m0, rows);
+      }
+    }
+    n += nb;
+  }
 }
 
 using Floats = ffi::Buffer<ffi::F32, 2>;  // aliases: a comma cannot go in the macro below
@@ -227,17 +251,34 @@ ffi::Error LutGemv(ffi::ThreadPool pool, Floats x, Bytes codes, ffi::AnyBuffer l
                   y->typed_data(), m, n, p, levels, groups, group_bytes};
 
   // Waking the pool costs tens of microseconds: split only work that takes longer.
-  const int64_t tasks = m * n * p < kMinParallelBytes ? 1 : std::min<int64_t>(pool.num_threads() + 1, n / 16);
-  const int64_t chunk = (n + tasks - 1) / tasks / kRowsW * kRowsW + kRowsW;
-  std::atomic<int64_t> pending(tasks - 1);
-  for (int64_t t = 1; t < tasks; ++t) {
-    pool.Schedule([&a, &pending, t, chunk] {
-      Block(a, std::min(a.n, t * chunk), std::min(a.n, (t + 1) * chunk));
-      pending.fetch_sub(1, std::memory_order_release);
-    });
+  const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  const int64_t tasks = m * n * p < kMinParallelBytes ? 1 : std::min({pool.num_threads() + 1, cores, n / 16});
+  if (tasks == 1) {
+    Block(a, 0, n);
+    return ffi::Error::Success();
   }
-  Block(a, 0, std::min(n, chunk));
-  while (pending.load(std::memory_order_acquire) > 0) std::this_thread::yield();
+  // Chunks of rows are taken from a counter by this thread and by pool tasks.
+  // This thread never waits for a chunk nobody has started (XLA may run other
+  // calls on every pool thread, which would then never get to ours): it takes
+  // what is left itself, then waits only for chunks being computed. A task
+  // that starts late finds the counter spent and touches nothing else, so the
+  // counters live on the heap, owned jointly.
+  struct Shared {
+    std::atomic<int64_t> next{0}, finished{0};
+    int64_t chunks, rows;
+  };
+  auto shared = std::make_shared<Shared>();
+  shared->rows = ((n + 4 * tasks - 1) / (4 * tasks) + kRowsW - 1) / kRowsW * kRowsW;
+  shared->chunks = (n + shared->rows - 1) / shared->rows;
+  auto work = [](Shared& s, const Problem* a) {
+    for (int64_t c; (c = s.next.fetch_add(1, std::memory_order_relaxed)) < s.chunks;) {
+      Block(*a, c * s.rows, std::min(a->n, (c + 1) * s.rows));
+      s.finished.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 1; t < tasks; ++t) pool.Schedule([shared, work, pa = &a] { work(*shared, pa); });
+  work(*shared, &a);
+  while (shared->finished.load(std::memory_order_acquire) < shared->chunks) std::this_thread::yield();
   return ffi::Error::Success();
 }
 

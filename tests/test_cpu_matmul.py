@@ -4,6 +4,7 @@ against a float64 numpy formula that decodes the packed bytes by hand."""
 
 import ctypes
 import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -15,26 +16,14 @@ from any4_jax import load_model, quantize_tensor
 from any4_jax import layers
 from any4_jax.layers import choose_matmul, qmatmul
 from pallas_kernels import cpu
+from conftest import dequantize_by_hand
 
 FORMAT_OF_BITS = {4: "any4", 3: "any3", 2: "int2"}
 
 
 def reference(x, qw):
-    """``x @ W^T`` in float64 from the documented layout: byte j of each 32-byte
-    block holds element 32h + 4w + 2p (low nibble) and the next one (high),
-    w = j // 4, h = (j // 2) % 2, p = j % 2."""
-    codes = np.asarray(qw.codes)
-    n, k = qw.shape
-    full = np.zeros((n, 2 * codes.shape[1]), np.int64)
-    for j in range(codes.shape[1]):
-        block, b = divmod(j, 32)
-        e = 64 * block + 32 * ((b // 2) % 2) + 4 * (b // 4) + 2 * (b % 2)
-        full[:, e], full[:, e + 1] = codes[:, j] & 15, codes[:, j] >> 4
-    full = full[:, :k]
-    f64 = lambda a: np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-    group = np.arange(k) // qw.group_size
-    w = np.take_along_axis(f64(qw.lut), full, axis=1) * f64(qw.scales)[:, group] + f64(qw.zeros)[:, group]
-    return f64(x) @ w.T
+    """``x @ W^T`` in float64, W decoded by hand (conftest.dequantize_by_hand)."""
+    return np.asarray(jnp.asarray(x, jnp.float32), np.float64) @ dequantize_by_hand(qw).T
 
 
 # (M, K, N, group size, bits, metadata dtype): K not a multiple of 64 or of G,
@@ -76,6 +65,7 @@ def test_xla_paths_match_reference(rng, m, k, n, g, bits, storage):
     x, qw = make(rng, m, k, n, g, bits, storage)
     assert choose_matmul("xla", m, qw) == ("fused" if m <= layers.FUSED_MAX_M else "dequantize")
     close(qmatmul(x, qw, path="xla"), reference(x, qw))
+    close(layers.fused_matmul(x, qw), reference(x, qw))
     close(layers.dequantize_matmul(x, qw), reference(x, qw))
 
 
@@ -178,3 +168,25 @@ def test_real_model_decode_step_cpu_kernel_vs_xla(smollm2_any4):
     for ours, xla in zip(logits["cpu"], logits["xla"]):
         np.testing.assert_allclose(ours, xla, rtol=0, atol=1e-3 * np.abs(xla).max())
         assert ours.argmax() == xla.argmax()
+
+
+@needs_kernel
+def test_concurrent_kernel_calls_do_not_deadlock():
+    """XLA may run independent calls on every pool thread at once; each call
+    splits its rows over the pool. Run in a subprocess so that a hang fails."""
+    script = """
+import jax, jax.numpy as jnp, numpy as np
+from any4_jax import quantize_tensor
+from any4_jax.layers import qmatmul
+rng = np.random.default_rng(0)
+ws = [quantize_tensor(rng.standard_normal((2048, 1024)).astype(np.float32), "any4", 128, n_init=1) for _ in range(6)]
+x = jnp.asarray(rng.standard_normal((32, 1024)), jnp.float32)
+def body(i, x):  # inside a loop, as in decoding: XLA runs the body's thunks on its pool
+    return x + 1e-3 * jnp.tanh(sum(qmatmul(x, w, path="cpu")[:, :1024] for w in ws))
+f = jax.jit(lambda x, ws: jax.lax.fori_loop(0, 20, body, x))
+for _ in range(3):
+    f(x, ws).block_until_ready()
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
