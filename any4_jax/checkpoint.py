@@ -99,8 +99,10 @@ def count_params(params) -> int:
 def write_model_dir(tmp: Path, params, hf_config: dict, tokenizer=None, manifest: dict | None = None):
     """Write all parts of a model directory into ``tmp`` (an ``atomic_directory``)."""
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(tmp / "params", params)
-    checkpointer.wait_until_finished()
+    try:
+        checkpointer.save(tmp / "params", params)
+    finally:  # also on Ctrl-C: the async writer must stop before the caller removes tmp
+        checkpointer.close()
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
@@ -115,13 +117,24 @@ def read_manifest(model_dir) -> dict:
         if not (d / name).exists():
             raise CheckpointError(f"{d} is not an any4-jax model directory: {name} is missing "
                                   f"(make one with `python -m converters.hf2flax`)")
-    manifest = json.loads((d / "manifest.json").read_text())
+    try:
+        manifest = json.loads((d / "manifest.json").read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{d}/manifest.json is not valid JSON ({e})") from e
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{d}/manifest.json must hold a JSON object; it holds a {type(manifest).__name__}")
     version = manifest.get("format_version")
     if version == 1 and manifest.get("quantization"):  # v1: the same fields, without a version
         manifest["quantization"] = {"recipe_version": 1, **manifest["quantization"]}
     elif version not in (1, 2, MANIFEST_VERSION):
         raise CheckpointError(f"{d}/manifest.json has format_version {version!r}; this any4-jax reads "
                               f"1 to {MANIFEST_VERSION} (a newer any4-jax wrote it? upgrade any4-jax)")
+    dtype = manifest.get("dtype", "float32")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise CheckpointError(f"{d}/manifest.json has dtype {dtype!r}; accepted: float32, bfloat16, float16")
+    if not isinstance(manifest.get("quantization") or {}, dict):
+        raise CheckpointError(f"{d}/manifest.json: quantization must be an object (the recipe) or absent; "
+                              f"got {manifest['quantization']!r}")
     return manifest
 
 
@@ -153,7 +166,7 @@ def save_model(out_dir, model, params, tokenizer=None, *, overwrite: bool = Fals
     return json.loads((Path(out_dir) / "manifest.json").read_text())
 
 
-def load_model(model_dir, *, dtype=None, tokenizer: bool = True, require: str | None = None, mesh=None,
+def load_model(model_dir, *, dtype=None, tokenizer: bool | str = True, require: str | None = None, mesh=None,
                matmul: str = "auto"):
     """``(model, params, tokenizer)`` from a directory written by the converter
     or ``save_model``. Quantized checkpoints load as they were saved (never
@@ -161,7 +174,8 @@ def load_model(model_dir, *, dtype=None, tokenizer: bool = True, require: str | 
 
     ``dtype`` is the compute dtype (default: the dtype the checkpoint was saved
     in). ``require="float"`` or ``"quantized"`` refuses the other kind. The
-    tokenizer is ``None`` when the directory has none or ``tokenizer=False``.
+    tokenizer is ``None`` when the directory has none or ``tokenizer=False``;
+    ``tokenizer="required"`` makes a missing one a ``CheckpointError``.
     With a ``mesh`` (see ``any4_jax.sharding``) every array is read straight
     into its shards by the partition rules. ``matmul`` is the quantized layers'
     ``qmatmul`` path (``layers.MATMUL_PATHS``).
@@ -187,7 +201,11 @@ def load_model(model_dir, *, dtype=None, tokenizer: bool = True, require: str | 
             params = jax.device_put(params, shardings(params, mesh))
     else:
         params = _restore(d / "params", param_shapes(model), mesh)
-    return model, params, load_tokenizer(d) if tokenizer else None
+    tok = load_tokenizer(d) if tokenizer else None
+    if tok is None and tokenizer == "required":
+        raise CheckpointError(f"{d} has no tokenizer (tokenizer.json or tokenizer_config.json), which this "
+                              f"needs: convert the model from a folder that has one")
+    return model, params, tok
 
 
 def load_tokenizer(model_dir):
@@ -198,7 +216,11 @@ def load_tokenizer(model_dir):
         return None
     from transformers import AutoTokenizer  # ~2 s to import: only where a tokenizer is read
 
-    return AutoTokenizer.from_pretrained(str(d), trust_remote_code=False)
+    try:
+        return AutoTokenizer.from_pretrained(str(d), trust_remote_code=False)
+    except Exception as e:  # a damaged file surfaces as many kinds of error
+        raise CheckpointError(f"the tokenizer in {d} could not be read ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from e
 
 
 def _repack_pairs(params):
@@ -219,7 +241,15 @@ def _restore(path: Path, abstract, mesh=None, pair_packed_codes: bool = False):
     model's (``pair_packed_codes``: codes of format versions 1-2 are half of K wide)."""
     checkpointer = ocp.StandardCheckpointer()
     path = path.absolute()
-    saved = {_keys(p): m for p, m in jax.tree_util.tree_leaves_with_path(checkpointer.metadata(path).item_metadata)}
+    try:
+        metadata = checkpointer.metadata(path).item_metadata
+    except Exception as e:  # orbax/tensorstore raise many kinds
+        raise CheckpointError(f"{path} could not be read: {_first_line(e)} (a damaged or incomplete "
+                              f"checkpoint: convert or save the model again)") from e
+    saved = {_keys(p): m for p, m in jax.tree_util.tree_leaves_with_path(metadata)}
+    if not saved:
+        raise CheckpointError(f"{path} could not be read: it lists no arrays (a damaged or incomplete "
+                              f"checkpoint: convert or save the model again)")
     targets = jax.tree_util.tree_leaves_with_path(abstract)
     if set(saved) != {_keys(p) for p, _ in targets}:
         missing = sorted("/".join(k) for k in {_keys(p) for p, _ in targets} - set(saved))
@@ -238,7 +268,16 @@ def _restore(path: Path, abstract, mesh=None, pair_packed_codes: bool = False):
     leaves = [jax.ShapeDtypeStruct(saved[_keys(p)].shape, saved[_keys(p)].dtype, sharding=sh)
               for (p, _), sh in zip(targets, placements)]
     target = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract), leaves)
-    return checkpointer.restore(path, target)
+    try:
+        return checkpointer.restore(path, target)
+    except Exception as e:
+        raise CheckpointError(f"{path} could not be read: {_first_line(e)} (a damaged or incomplete "
+                              f"checkpoint: convert or save the model again)") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
 def _keys(path) -> tuple:

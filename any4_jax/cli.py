@@ -69,7 +69,7 @@ def cmd_quantize(args, rest):
 
 
 def evaluate_dir(model_dir, text: str, seq_len: int, max_windows: int | None):
-    model, params, tokenizer = load_model(model_dir, matmul=matmul_from_env())
+    model, params, tokenizer = load_model(model_dir, matmul=matmul_from_env(), tokenizer="required")
     ids = tokenizer(text)["input_ids"]
     return perplexity(model, params, ids, seq_len=seq_len, max_windows=max_windows), len(ids)
 
@@ -86,7 +86,7 @@ def cmd_eval(args, rest):
 
 
 def cmd_generate(args, rest):
-    model, params, tokenizer = load_model(args.model, matmul=matmul_from_env())
+    model, params, tokenizer = load_model(args.model, matmul=matmul_from_env(), tokenizer="required")
     printed = []
 
     def stream(step, tokens):  # print the text as it grows (batch of one)

@@ -196,6 +196,8 @@ def quantize_tensor(w, fmt: str = "any4", group_size: int | None = 128, *,
         lut, codes, scales, zeros = _quantize_any(wg, bits, k, sample_weight,
                                                   scale_sample_weight, key, kmeans_options)
     codes = codes.reshape(n, -1)[:, :k]
+    for name, a in (("scale", scales), ("zero", zeros), ("LUT entry", lut)):
+        _check_storable(a, name, storage_dtype, w)
     return QuantizedWeight(pack_codes(codes), lut.astype(storage_dtype), scales.astype(storage_dtype),
                            zeros.astype(storage_dtype), (n, k), bits, g, fmt)
 
@@ -216,6 +218,19 @@ def _check_finite(a, name):
         first = tuple(int(i) for i in np.argwhere(np.asarray(bad))[0])
         raise ValueError(f"{name} has {count} non-finite value(s) (NaN/Inf), the first at index "
                          f"{first}; quantization needs finite weights")
+
+
+def _check_storable(a, name, dtype, w):
+    """A ValueError if a float32 ``a`` overflowed or does not fit ``dtype``
+    (weights near float32's maximum, or large weights with float16 metadata)."""
+    bad = ~jnp.isfinite(a.astype(dtype))
+    if bool(bad.any()):
+        first = tuple(int(i) for i in np.argwhere(np.asarray(bad))[0])
+        raise ValueError(
+            f"the {name} at (row, column) {first} is {float(a[first]):.4g}, which {jnp.dtype(dtype).name} cannot "
+            f"hold: the weights are too large to quantize (|w| up to {float(jnp.abs(w).max()):.4g}, row "
+            f"{first[0]} spans [{float(w[first[0]].min()):.4g}, {float(w[first[0]].max()):.4g}]). Rescale them"
+            + (", or use storage_dtype='bfloat16' or 'float32'" if jnp.dtype(dtype) == jnp.float16 else ""))
 
 
 def _divide(a, b):

@@ -215,6 +215,8 @@ def generate(model, params, tokenizer, prompts, *, max_new_tokens: int = 128, te
     ``chat=True`` wraps each prompt in the tokenizer's chat template.
     Works the same for float and quantized params.
     """
+    if tokenizer is None:
+        raise ValueError("generate needs a tokenizer (the model folder has none?); generate_ids takes token ids")
     if stop is None:
         stop = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     return generate_ids(model, params, encode_prompts(tokenizer, prompts, chat),
