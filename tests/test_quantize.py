@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import dequantize_by_hand
 import torch
 
 from any4_jax import dequantize, load_model, quantize_tensor
@@ -61,10 +62,16 @@ def test_quantize_model_quantizes_every_linear_but_skipped(tiny_model):
     for p, v in flat:
         if not isinstance(v, QuantizedWeight):  # embeddings, norms, lm_head: bit-identical
             np.testing.assert_array_equal(np.asarray(v), np.asarray(originals[jax.tree_util.keystr(p)]))
-    logits = qmodel.apply({"params": qparams}, jnp.asarray(IDS))
-    float_logits = model.apply({"params": params}, jnp.asarray(IDS))
-    assert logits.shape == float_logits.shape and np.all(np.isfinite(np.asarray(logits)))
-    assert not np.allclose(np.asarray(logits), np.asarray(float_logits))
+    logits = np.asarray(qmodel.apply({"params": qparams}, jnp.asarray(IDS)))
+    # the float model run on W decoded by hand from the stored codes, LUTs and scales
+    by_hand = jax.tree_util.tree_map(
+        lambda v: jnp.asarray(dequantize_by_hand(v).T, jnp.float32) if isinstance(v, QuantizedWeight) else v,
+        qparams, is_leaf=lambda x: isinstance(x, QuantizedWeight))
+    expected = np.asarray(model.apply({"params": by_hand}, jnp.asarray(IDS)))
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+    float_logits = np.asarray(model.apply({"params": params}, jnp.asarray(IDS)))
+    error = np.abs(logits - float_logits).mean() / np.abs(float_logits).mean()
+    assert 1e-3 < error < 0.1  # quantized (not the float weights), and close to them
 
 
 def test_calibration_statistics_match_pytorch_hooks(tiny_model):
@@ -152,7 +159,13 @@ def test_cli_eval_json_and_quantize(smollm2_flax, smollm2_any4, tmp_path, capsys
     assert cli.main(["eval", "--model", str(smollm2_any4), "--text", "botchan", "--seq-len", "256",
                      "--max-windows", "2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["format"] == "any4" and result["windows"] == 2 and 10 < result["perplexity"] < 100
+    assert result["format"] == "any4" and result["windows"] == 2
+    assert cli.main(["eval", "--model", str(smollm2_flax), "--text", "botchan", "--seq-len", "256",
+                     "--max-windows", "2", "--json"]) == 0
+    float_ppl = json.loads(capsys.readouterr().out)["perplexity"]
+    # measured here: 30.08 vs float 23.89 on these two 256-token windows (1.26x): quantized
+    # (above float), and a broken lookup, scale or layout (ppl in the hundreds or more) fails
+    assert float_ppl < result["perplexity"] < 1.35 * float_ppl
     # quantizing a quantized model is refused, and nothing is written
     assert cli.main(["quantize", "--model", str(smollm2_any4), "--out", str(tmp_path / "x")]) == 2
     assert "a float model is required" in capsys.readouterr().err
