@@ -18,9 +18,11 @@ import json
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import jax.numpy as jnp
+import numpy as np
 from safetensors import safe_open
 from tqdm import tqdm
 
@@ -116,7 +118,7 @@ def load_hf_params(model_dir, dtype: str = "float32", progress: bool = True):
     reader = TensorReader(model_dir)
 
     flat = _flatten(shapes)
-    params = {}
+    params, used = {}, set()
     for path, spec in tqdm(flat.items(), desc="converting", unit="tensor", disable=not progress):
         name, transpose = hf_name(path)
         if name not in reader:
@@ -125,7 +127,18 @@ def load_hf_params(model_dir, dtype: str = "float32", progress: bool = True):
         expected = tuple(spec.shape[::-1] if transpose else spec.shape)  # in the checkpoint's layout
         if tuple(tensor.shape) != expected:
             raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}; the config asks for {expected}")
+        bad = ~np.isfinite(np.asarray(tensor, np.float32))
+        if bad.any():
+            raise ValueError(f"tensor {name} in {model_dir} has {int(bad.sum())} NaN/Inf value(s), the first at "
+                             f"{tuple(int(i) for i in np.argwhere(bad)[0])}; the checkpoint is damaged")
+        used.add(name)
         _set(params, path, jnp.asarray(tensor.T if transpose else tensor, dtype=dtype))
+    expected_extra = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if config.tie_word_embeddings else ())
+    unused = sorted(n for n in reader.files if n not in used and not n.endswith(expected_extra))
+    if unused:
+        warnings.warn(f"{len(unused)} tensor(s) in {model_dir} are not used by its config "
+                      f"({config.model_type}) and were not converted: {', '.join(unused[:5])}"
+                      f"{' ...' if len(unused) > 5 else ''}", stacklevel=2)
     return hf_config, config, params
 
 

@@ -119,3 +119,29 @@ def test_interrupted_save_leaves_nothing(tiny_model, tmp_path, monkeypatch):
     monkeypatch.undo()
     save_model(out, model, params, tok)  # and the same call then works
     assert json.loads((out / "manifest.json").read_text())["parameters"] > 0
+
+
+def test_converter_refuses_nan_weights_and_warns_of_unused_tensors(tiny_model, tmp_path):
+    import torch
+    from hf_models import save
+
+    from converters import hf2flax
+    hf, _ = tiny_model("llama")
+    with torch.no_grad():
+        hf.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    try:
+        src = save(hf, tmp_path / "nan", "safetensors")
+    finally:
+        with torch.no_grad():
+            hf.model.layers[1].mlp.up_proj.weight[3, 5] = 0.0
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj.weight .* 1 NaN/Inf value\(s\), the first at \(3, 5\)"):
+        hf2flax.convert(src, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+    from safetensors.numpy import load_file, save_file
+    src = save(hf, tmp_path / "extra", "safetensors")
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.extra_head.weight"] = np.ones((2, 2), np.float32)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match=r"1 tensor\(s\) .* not used by its config \(llama\).*model.extra_head.weight"):
+        hf2flax.convert(src, tmp_path / "out2", progress=False)
