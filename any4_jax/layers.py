@@ -29,12 +29,18 @@ def check_matmul_path(path: str) -> str:
     return path
 
 
-def choose_matmul(path: str, m: int, qw: QuantizedWeight) -> str:
+def choose_matmul(path: str, m: int, qw: QuantizedWeight, sharded: bool = False) -> str:
     """What computes ``qmatmul`` for ``m`` rows of x: ``"kernel"`` (Pallas),
-    ``"cpu"`` (the CPU kernel), ``"fused"`` or ``"dequantize"`` (XLA)."""
+    ``"cpu"`` (the CPU kernel), ``"fused"`` or ``"dequantize"`` (XLA).
+    ``sharded``: on a mesh, where on a CPU ``"auto"`` and ``"xla"`` take
+    dequantize + dot, which XLA partitions well (CPU devices of one machine share
+    its cores; per-shard kernels and the fused reduction measured slower there,
+    ``benchmarks/scaling.py``)."""
     check_matmul_path(path)
     if path == "kernel" or (path == "auto" and jax.default_backend() == "gpu"):
         return "kernel"
+    if sharded and path in ("auto", "xla"):
+        return "dequantize"
     cpu_ok = cpu.supports(qw.group_size, qw.shape[1])
     if path == "cpu":
         if not cpu_ok:
@@ -170,9 +176,11 @@ def quantized_dense(x, qw: QuantizedWeight, bias=None, *, dtype=None, path: str 
     ``x.dtype``), ``qmatmul`` (per shard on a mesh with the kernel path), add ``bias``."""
     dtype = dtype or x.dtype
     x = x.astype(dtype)
-    how = choose_matmul(path, x.size // x.shape[-1], qw)
+    how = choose_matmul(path, x.size // x.shape[-1], qw, sharded=mesh is not None)
     if mesh is not None and parallel is not None and how in ("kernel", "cpu"):
         y = per_shard_qmatmul(x, qw, mesh, parallel, how)
+    elif how == "dequantize":
+        y = dequantize_matmul(x, qw)
     else:
         y = qmatmul(x, qw, path=path)
     return y if bias is None else y + bias.astype(dtype)

@@ -1,6 +1,6 @@
 """How quantization time and decode latency change with 1, 2, 4, 8 devices.
 
-    python benchmarks/scaling.py [--devices 1 2 4 8] [--rows 4096] [--cols 4096]
+    python -m benchmarks.scaling [--devices 1 2 4 8] [--rows 4096] [--cols 4096] [--out FILE.md]
 
 Each device count runs in a process of its own (jax fixes the device count at
 start; without accelerators, XLA_FLAGS gives it that many CPU devices):
@@ -8,10 +8,12 @@ start; without accelerators, XLA_FLAGS gives it that many CPU devices):
     devices (``quantize_tensor(..., mesh=...)``);
   * one decode step (batch 8, KV cache 256) of a Llama-shaped model (hidden 1024,
     4 layers, float and any4) with tensor-parallel sharded params.
-Then a paper estimate of Llama-3-70B's any4 LUT learning from the measured cost
-per weight: (70B-model linear weights) x (seconds per weight) / devices. On CPU
-devices of one 2-core machine, more devices share the same cores: the numbers
-show overheads, not a speed-up.
+Then an extrapolation (not a measurement) of Llama-3-70B's any4 LUT learning on
+one such device: (70B-model linear weights) x (measured seconds per weight on one
+device); it leaves out calibration, loading and saving, and assumes the cost per
+weight stays the same at 70B's shapes. On CPU devices of one 2-core machine,
+more devices share the same cores: the numbers show overheads, not a speed-up,
+so no multi-device estimate is made. The table also goes to --out.
 """
 
 import argparse
@@ -20,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 # Llama-3-70B linear layers: 80 x (q, k, v, o, gate, up, down) as (N, K)
 LLAMA3_70B_LINEAR = 80 * (8192 * 8192 * 2 + 1024 * 8192 * 2 + 28672 * 8192 * 3)
@@ -52,7 +55,7 @@ def worker(n, rows, cols):
                                       num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=8))
     latency = {}
     for name, model in [("float", Transformer(config)),
-                        ("any4", Transformer(config).clone(dense=QuantDenseFactory(Recipe("any4", 128))))]:
+                        ("any4", Transformer(config).clone(dense=QuantDenseFactory(Recipe("any4", 128), mesh=mesh)))]:
         step = jax.jit(decode_step, static_argnums=0, donate_argnums=4)
         params = shard_params(random_params(model, jax.random.PRNGKey(0), jnp.float32), mesh)
         cache = init_cache(config, 8, 256)
@@ -75,6 +78,7 @@ def main():
     p.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--rows", type=int, default=4096)
     p.add_argument("--cols", type=int, default=4096)
+    p.add_argument("--out", default="benchmarks/results/scaling_cpu.md")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -87,18 +91,23 @@ def main():
             raise SystemExit(out.stderr[-3000:])
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     base = results[0]
-    print(f"platform: {base['platform']}; any4 LUT learning of a {args.rows}x{args.cols} matrix; "
-          f"decode step of a 4-layer, hidden-1024 Llama (batch 8)\n")
-    print("| devices | quantize s | vs 1 device | decode ms float | decode ms any4 |")
-    print("|---|---|---|---|---|")
+    lines = [f"Written by `python -m benchmarks.scaling --devices {' '.join(map(str, args.devices))} --rows "
+             f"{args.rows} --cols {args.cols}` on {base['platform']} devices of one machine with {os.cpu_count()} "
+             f"cores: any4 LUT learning of a {args.rows}x{args.cols} matrix; decode step of a 4-layer, "
+             f"hidden-1024 Llama (batch 8).", "",
+             "| devices | quantize s | vs 1 device | decode ms float | decode ms any4 |", "|---|---|---|---|---|"]
     for r in results:
-        print(f"| {r['devices']} | {r['quantize_s']:.2f} | {base['quantize_s'] / r['quantize_s']:.2f}x | "
-              f"{r['decode_ms_float']:.2f} | {r['decode_ms_any4']:.2f} |")
+        lines.append(f"| {r['devices']} | {r['quantize_s']:.2f} | {base['quantize_s'] / r['quantize_s']:.2f}x | "
+                     f"{r['decode_ms_float']:.2f} | {r['decode_ms_any4']:.2f} |")
     per_weight = base["seconds_per_weight"]
     est = LLAMA3_70B_LINEAR * per_weight
-    print(f"\nLlama-3-70B estimate: {LLAMA3_70B_LINEAR / 1e9:.1f}B linear weights x {per_weight * 1e9:.1f} ns/weight "
-          f"(measured on 1 {base['platform']} device) = {est / 60:.0f} min on one such device, "
-          f"{est / 8 / 60:.1f} min on 8 (rows are independent: the work divides evenly).")
+    lines += ["", f"Extrapolation, not measured: Llama-3-70B has {LLAMA3_70B_LINEAR / 1e9:.1f}B linear weights; at the "
+              f"{per_weight * 1e9:.1f} ns/weight measured above on 1 {base['platform']} device, LUT learning alone "
+              f"would take {est / 60:.0f} min on one such device (calibration, loading and saving left out; the "
+              f"cost per weight assumed not to change with the shapes)."]
+    print("\n".join(lines))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -113,8 +113,11 @@ def supports(group_size: int, k: int) -> bool:
 def lut_gemv(x, codes, lut, scales, zeros, *, group_size: int):
     """``x (M, K) @ W^T`` in float32 for a packed ``W (N, K)`` (codes as
     ``lut_matmul.pack_codes`` lays them out; lut/scales/zeros float32, bfloat16
-    or float16). ``available()`` must be True."""
+    or float16). ``available()`` must be True. Rows of W are split over XLA's
+    CPU threads only when jax has one CPU device: with several (virtual) devices,
+    each runs its own calls on the same cores."""
     m, k = x.shape
     n = codes.shape[0]
+    use_pool = np.int64(len(jax.local_devices(backend="cpu")) == 1)
     return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")(
-        x.astype(jnp.float32), codes, lut, scales, zeros, group_size=np.int64(group_size))
+        x.astype(jnp.float32), codes, lut, scales, zeros, group_size=np.int64(group_size), use_pool=use_pool)

@@ -211,7 +211,7 @@ using Floats = ffi::Buffer<ffi::F32, 2>;  // aliases: a comma cannot go in the m
 using Bytes = ffi::Buffer<ffi::U8, 2>;
 
 ffi::Error LutGemv(ffi::ThreadPool pool, Floats x, Bytes codes, ffi::AnyBuffer lut, ffi::AnyBuffer scales,
-                   ffi::AnyBuffer zeros, ffi::Result<Floats> y, int64_t group_size) {
+                   ffi::AnyBuffer zeros, ffi::Result<Floats> y, int64_t group_size, int64_t use_pool) {
   const int64_t m = x.dimensions()[0], k = x.dimensions()[1];
   const int64_t n = codes.dimensions()[0], p = codes.dimensions()[1];
   const int64_t levels = lut.dimensions()[1], groups = scales.dimensions()[1];
@@ -252,7 +252,8 @@ ffi::Error LutGemv(ffi::ThreadPool pool, Floats x, Bytes codes, ffi::AnyBuffer l
 
   // Waking the pool costs tens of microseconds: split only work that takes longer.
   const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
-  const int64_t tasks = m * n * p < kMinParallelBytes ? 1 : std::min({pool.num_threads() + 1, cores, n / 16});
+  const int64_t tasks = !use_pool || m * n * p < kMinParallelBytes ? 1
+                                                                  : std::min({pool.num_threads() + 1, cores, n / 16});
   if (tasks == 1) {
     Block(a, 0, n);
     return ffi::Error::Success();
@@ -293,4 +294,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Any4LutGemv, LutGemv,
                                   .Arg<ffi::AnyBuffer>()  // scales (N, groups)
                                   .Arg<ffi::AnyBuffer>()  // zeros (N, groups)
                                   .Ret<Floats>()          // y (M, N)
-                                  .Attr<int64_t>("group_size"));
+                                  .Attr<int64_t>("group_size")
+                                  .Attr<int64_t>("use_pool"));  // 0: one thread (other devices share the cores)

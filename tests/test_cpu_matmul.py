@@ -96,7 +96,7 @@ def test_other_instruction_sets_match_reference(rng, flags, tmp_path):
     for m, k, n, g, bits, storage in CASES:
         x, qw = make(rng, m, k, n, g, bits, storage)
         y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32))(
-            x, qw.codes, qw.lut, qw.scales, qw.zeros, group_size=np.int64(qw.group_size))
+            x, qw.codes, qw.lut, qw.scales, qw.zeros, group_size=np.int64(qw.group_size), use_pool=np.int64(1))
         close(y, reference(x, qw))
 
 

@@ -55,11 +55,47 @@ def test_sharded_logits_equal_single_device(converted, kind, mesh_shape):
     ref = np.asarray(model.apply({"params": params}, jnp.asarray(IDS)))
     mesh = sh.make_mesh(*mesh_shape)
     _, sharded, _ = load_model(converted / kind, mesh=mesh)  # read straight into the mesh
-    leaf = jax.tree_util.tree_leaves(sharded)[1]
-    assert len(leaf.sharding.device_set) == 8
+    check_placement(sharded, mesh, quantized=kind == "any4", llama=converted.name.startswith("llama"))
     out = jax.jit(lambda p, x: model.apply({"params": p}, x))(sharded, sh.shard_batch(IDS, mesh))
     # float32 throughout; only the order of the cross-shard sums differs
     np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
+COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # outputs split over the model axis
+ROW = ("o_proj", "down_proj")                                    # inputs (K) split over the model axis
+
+
+def check_placement(params, mesh, quantized: bool, llama: bool):
+    """Each kind of leaf is split as the Megatron layout says, and each device
+    holds about 1/tp of the weights (a model left replicated would hold all)."""
+    tp = mesh.shape["model"]
+    total = per_device = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = jax.tree_util.keystr(path)
+        total += leaf.nbytes
+        per_device += leaf.addressable_shards[0].data.nbytes
+        spec = tuple(leaf.sharding.spec) + (None,) * (leaf.ndim - len(leaf.sharding.spec))
+        if not llama or tp == 1:
+            continue
+        layer = next((l for l in COLUMN + ROW if f"'{l}'" in name), None)
+        if "embed_tokens" in name or "lm_head" in name:
+            expected = ("model", None)  # by vocabulary (embedding (V, H); lm_head kernel (H, V) below)
+            if "lm_head" in name:
+                expected = (None, "model")
+        elif layer is None:  # norms: replicated
+            expected = (None,) * leaf.ndim
+        elif quantized:  # QuantizedWeight leaves, PyTorch layout (N, K)
+            if layer in COLUMN:
+                expected = ("model", None)
+            else:
+                expected = (None, None) if name.endswith(".lut") else (None, "model")
+        else:  # Flax kernels (K, N)
+            expected = (None, "model") if layer in COLUMN else ("model", None)
+        assert spec == expected, (name, spec, expected)
+    bound = 1.0 if tp == 1 else 1.2 / tp  # a little replicated: norms, row-parallel LUTs
+    assert per_device <= bound * total, (per_device, total, tp)
+    if tp > 1:
+        assert per_device < 0.5 * total
 
 
 @pytest.mark.parametrize("mesh_shape", MESHES)
