@@ -235,5 +235,25 @@ def test_bad_input(kwargs, match):
         quantize_tensor(args.pop("w"), args.pop("fmt"), args.pop("group_size"), **args)
 
 
-def test_group_sizes_constant_lists_none():
-    assert None in GROUP_SIZES and 128 in GROUP_SIZES
+@pytest.mark.parametrize("g", GROUP_SIZES)
+def test_every_listed_group_size_quantizes(rng, g):
+    w, _ = realistic_weight(rng, 4, 1100)
+    qw = quantize_tensor(w, "int4", g)
+    assert qw.group_size == (1100 if g is None else g) and qw.scales.shape == (4, -(-1100 // qw.group_size))
+    np.testing.assert_allclose(np.asarray(dequantize(qw)), w, atol=float(np.abs(w).max()) / 7)
+
+
+def test_packed_bytes_match_a_hand_packed_block():
+    """The byte layout written out by hand: byte j of a 64-code block holds code
+    32h + 4w + 2p in its low nibble and the next code in its high nibble, with
+    w = j // 4, h = (j // 2) % 2, p = j % 2; K past the last block is zero-padded."""
+    from pallas_kernels.lut_matmul import pack_codes
+    codes = (np.arange(2 * 70) * 7 % 16).reshape(2, 70).astype(np.uint8)  # two rows, 70 codes
+    expected = np.zeros((2, 64), np.uint8)
+    for row in range(2):
+        padded = np.concatenate([codes[row], np.zeros(58, np.uint8)])
+        for block in range(2):
+            for j in range(32):
+                e = 64 * block + 32 * ((j // 2) % 2) + 4 * (j // 4) + 2 * (j % 2)
+                expected[row, 32 * block + j] = padded[e] | (padded[e + 1] << 4)
+    np.testing.assert_array_equal(np.asarray(pack_codes(codes)), expected)
