@@ -1,1 +1,2 @@
-"""GPU kernels (Pallas, Triton backend) with pure-jnp references. Imports nothing from any4_jax."""
+"""The LUT matmul kernels: GPU (Pallas, Triton backend, with a pure-jnp reference) and CPU
+(C++ through the XLA FFI, built on first use). Imports nothing from any4_jax."""
