@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def check_output_dir(out_dir, overwrite: bool = False, inputs=()) -> Path:
     of its parents, an input, or a directory that holds an input. Call it before
     the long work."""
     out = Path(out_dir).absolute()
+    _check_writable(out)
     if not out.exists() and not out.is_symlink():
         return out
     if not overwrite:
@@ -68,6 +70,16 @@ def check_output_dir(out_dir, overwrite: bool = False, inputs=()) -> Path:
         raise FileExistsError(f"--out {out} is not empty and not a model directory written by any4-jax "
                               f"(no manifest.json); --overwrite only replaces those")
     return out
+
+
+def _check_writable(out: Path):
+    """A PermissionError now, not after the work, if nothing can be written
+    where ``out`` would go (its nearest existing parent; probed with a temp dir)."""
+    existing = next(p for p in out.parents if p.exists())
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".any4-probe-"))
+    except OSError as e:
+        raise PermissionError(f"cannot write {out}: {existing} is not writable ({e.strerror or e})") from e
 
 
 @contextlib.contextmanager

@@ -4,6 +4,8 @@ a file, or a foreign folder (each of these used to be deleted); a shard index ma
 not point outside its folder; a config that disagrees with the params fails at load."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -106,3 +108,15 @@ def test_config_that_disagrees_with_the_params_fails_at_load(workspace):
     (root / "flax" / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"mlp/gate_proj/kernel is \(\d+, \d+\), the model needs"):
         load_model(root / "flax")
+
+
+def test_unwritable_out_is_refused_before_any_work(tiny_model):
+    """/proc refuses new directories even to root; nothing is converted first."""
+    from any4_jax.checkpoint import check_output_dir
+    with pytest.raises(PermissionError, match=r"cannot write /proc/any4-test/model: /proc is not writable"):
+        check_output_dir("/proc/any4-test/model")
+    _, flax_dir = tiny_model("llama")
+    r = subprocess.run([sys.executable, "-m", "any4_jax.cli", "quantize", "--model", str(flax_dir),
+                        "--out", "/proc/any4-test/model"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: cannot write")
+    assert "quantizing" not in r.stderr  # refused before the work
