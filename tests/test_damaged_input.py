@@ -127,13 +127,15 @@ def test_converter_refuses_nan_weights_and_warns_of_unused_tensors(tiny_model, t
 
     from converters import hf2flax
     hf, _ = tiny_model("llama")
+    weight = hf.model.layers[1].mlp.up_proj.weight  # the session's shared model: put it back after
+    original = weight[3, 5].item()
     with torch.no_grad():
-        hf.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+        weight[3, 5] = float("nan")
     try:
         src = save(hf, tmp_path / "nan", "safetensors")
     finally:
         with torch.no_grad():
-            hf.model.layers[1].mlp.up_proj.weight[3, 5] = 0.0
+            weight[3, 5] = original
     with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj.weight .* 1 NaN/Inf value\(s\), the first at \(3, 5\)"):
         hf2flax.convert(src, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
