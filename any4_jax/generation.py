@@ -198,10 +198,10 @@ def generate_ids(model, params, prompt_ids: Sequence[Sequence[int]], *, max_new_
     if stats is not None:  # the first token came from the prefill: decode made the others
         stats.update(prefill_tokens=int(mask.sum()), prefill_seconds=t1 - t0, decode_tokens=(steps - 1) * b,
                      decode_seconds=t2 - t1, decode_steps=steps - 1, decode_device_seconds=device_seconds)
-    results = []
+    results, stops = [], set(stop_ids.tolist())
     for row in out[:, :steps]:
         row = row.tolist()
-        hit = [i for i, t in enumerate(row) if t in set(stop_ids.tolist())]
+        hit = [i for i, t in enumerate(row) if t in stops]
         results.append(row[: hit[0] + 1] if hit else row)
     return results
 

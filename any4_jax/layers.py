@@ -41,17 +41,17 @@ def choose_matmul(path: str, m: int, qw: QuantizedWeight, sharded: bool = False)
         return "kernel"
     if sharded and path in ("auto", "xla"):
         return "dequantize"
-    cpu_ok = cpu.supports(qw.group_size, qw.shape[1])
+    whole_bytes = _group_bytes(qw) is not None  # what the CPU kernel and the fused sum take
     if path == "cpu":
-        if not cpu_ok:
+        if not whole_bytes:
             raise ValueError(f"the CPU kernel takes group sizes that are multiples of 64 (or one group a row); "
                              f"this weight has {qw.group_size}")
         if not cpu.available():
             raise RuntimeError("the CPU kernel could not be built (see the warning above); use path='xla'")
         return "cpu"
-    if path == "auto" and m <= CPU_KERNEL_MAX_M and cpu_ok and cpu.available():
+    if path == "auto" and m <= CPU_KERNEL_MAX_M and whole_bytes and cpu.available():
         return "cpu"
-    return "fused" if m <= FUSED_MAX_M and _group_bytes(qw) is not None else "dequantize"
+    return "fused" if m <= FUSED_MAX_M and whole_bytes else "dequantize"
 
 
 def qmatmul(x, qw: QuantizedWeight, *, path: str = "auto", **kernel_options):
@@ -67,9 +67,13 @@ def qmatmul(x, qw: QuantizedWeight, *, path: str = "auto", **kernel_options):
     n, k = qw.shape
     if x.shape[-1] != k:
         raise ValueError(f"input has {x.shape[-1]} features; the quantized weight {qw.shape} expects K = {k}")
-    m = x.size // k
-    how = choose_matmul(path, m, qw)
-    x2 = x.reshape(m, k)
+    return _run(x, qw, choose_matmul(path, x.size // k, qw), **kernel_options)
+
+
+def _run(x, qw: QuantizedWeight, how: str, **kernel_options):
+    """``qmatmul`` computed by ``how`` (a ``choose_matmul`` answer)."""
+    n, k = qw.shape
+    x2 = x.reshape(-1, k)
     if how == "kernel":
         kernel_options.setdefault("interpret", jax.default_backend() != "gpu")
         y = lut_matmul(x2, qw.codes, qw.lut, qw.scales, qw.zeros, k=k, group_size=qw.group_size, **kernel_options)
@@ -179,10 +183,8 @@ def quantized_dense(x, qw: QuantizedWeight, bias=None, *, dtype=None, path: str 
     how = choose_matmul(path, x.size // x.shape[-1], qw, sharded=mesh is not None)
     if mesh is not None and parallel is not None and how in ("kernel", "cpu"):
         y = per_shard_qmatmul(x, qw, mesh, parallel, how)
-    elif how == "dequantize":
-        y = dequantize_matmul(x, qw)
     else:
-        y = qmatmul(x, qw, path=path)
+        y = _run(x, qw, how)
     return y if bias is None else y + bias.astype(dtype)
 
 

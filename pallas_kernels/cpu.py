@@ -105,15 +105,11 @@ def available() -> bool:
         return False
 
 
-def supports(group_size: int, k: int) -> bool:
-    """Whether the kernel takes this group size for K (a multiple of 64, or one group a row)."""
-    return group_size % 64 == 0 or group_size >= k
-
-
 def lut_gemv(x, codes, lut, scales, zeros, *, group_size: int):
     """``x (M, K) @ W^T`` in float32 for a packed ``W (N, K)`` (codes as
     ``lut_matmul.pack_codes`` lays them out; lut/scales/zeros float32, bfloat16
-    or float16). ``available()`` must be True. Rows of W are split over XLA's
+    or float16); ``group_size`` a multiple of 64, or one group a row.
+    ``available()`` must be True. Rows of W are split over XLA's
     CPU threads only when jax has one CPU device: with several (virtual) devices,
     each runs its own calls on the same cores."""
     m, k = x.shape
