@@ -3,7 +3,9 @@
 The paper's finding (docs/design.md §3): one short, hand-written, diverse prompt
 calibrates as well as 128 samples of 2048 tokens. ``DEFAULT_PROMPT`` is this
 project's own. Statistics are captured with ``flax.linen.intercept_methods``
-around ``nn.Dense`` calls, so no model code changes.
+around ``nn.Dense`` calls, so no model code changes. A module called with a
+``routed=`` mask (a Mixtral expert) has its Dense layers' statistics taken over
+the routed tokens only, as forward hooks on PyTorch's experts see them.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def dense_input_statistics(model, params, inputs, statistic: str = "abs_mean"):
     ``inputs`` is one input or a list of inputs (token ids: ``(B, T)`` arrays);
     statistics are pooled over all tokens of all of them. ``abs_mean`` =
     ``|mean_t x|`` (the paper's), ``mean_abs`` = ``mean_t |x|``, ``rms`` =
-    ``sqrt(mean_t x**2)``. The dict is in call order.
+    ``sqrt(mean_t x**2)``. The dict is in call order; a layer that saw no
+    token (an expert the router never chose) has no entry.
     """
     if statistic not in STATISTICS:
         raise ValueError(f"unknown statistic {statistic!r}; accepted: {', '.join(STATISTICS)}")
@@ -64,6 +67,8 @@ def dense_input_statistics(model, params, inputs, statistic: str = "abs_mean"):
             totals[path] = [a + b for a, b in zip(totals[path], values)] if path in totals else values
     out = {}
     for path, (n, s, sa, sq) in totals.items():
+        if n == 0:
+            continue
         out[path] = {"abs_mean": np.abs(s / n), "mean_abs": sa / n, "rms": np.sqrt(sq / n)}[statistic]
     return out
 
@@ -77,14 +82,24 @@ def _capture_fn(model):
     @jax.jit
     def run(params, x):
         records = {}
+        routed = []  # masks of the enclosing routed=... calls (Mixtral experts)
 
         def interceptor(next_fun, args, kwargs, context):
-            if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
+            if context.method_name != "__call__":
+                return next_fun(*args, **kwargs)
+            if kwargs.get("routed") is not None:
+                routed.append(kwargs["routed"])
+                try:
+                    return next_fun(*args, **kwargs)
+                finally:
+                    routed.pop()
+            if isinstance(context.module, nn.Dense):
                 a = args[0].astype(jnp.float32)
                 a = a.reshape(-1, a.shape[-1])
+                w = routed[-1].reshape(-1, 1).astype(jnp.float32) if routed else jnp.ones((a.shape[0], 1))
                 path = "/".join(context.module.path)
                 if path not in records:  # a layer called twice keeps its first call's stats
-                    records[path] = (jnp.float32(a.shape[0]), a.sum(0), jnp.abs(a).sum(0), (a * a).sum(0))
+                    records[path] = (w.sum(), (w * a).sum(0), (w * jnp.abs(a)).sum(0), (w * a * a).sum(0))
             return next_fun(*args, **kwargs)
 
         with nn.intercept_methods(interceptor):

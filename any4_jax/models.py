@@ -198,7 +198,10 @@ class MLP(nn.Module):
     names: tuple = ("gate_proj", "up_proj", "down_proj")
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, routed=None):
+        """``routed`` (Mixtral experts): a bool mask of x's tokens that the router
+        sent here. It does not change the output; calibration statistics
+        (``calibrate``) count only those tokens, as hooks on PyTorch's experts do."""
         gate, up, down = (self.dense(n, use_bias=False, dtype=self.dtype, name=name, parallel=PARALLEL[name])
                           for n, name in zip((self.intermediate, self.intermediate, self.hidden), self.names))
         return down(nn.silu(gate(x)) * up(x))
@@ -224,7 +227,7 @@ class SparseMoe(nn.Module):
         for e in range(c.num_local_experts):
             expert = MLP(c.hidden_size, c.intermediate_size, self.dense, self.dtype,
                          names=("w1", "w3", "w2"), name=f"experts_{e}")
-            out = out + weights[..., e:e + 1] * expert(x).astype(jnp.float32)
+            out = out + weights[..., e:e + 1] * expert(x, routed=jnp.any(idx == e, axis=-1)).astype(jnp.float32)
         return out.astype(self.dtype)
 
 

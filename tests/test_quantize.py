@@ -95,6 +95,45 @@ def test_calibration_statistics_match_pytorch_hooks(tiny_model):
             np.testing.assert_allclose(ours[path], ref, rtol=1e-4, atol=1e-5, err_msg=f"{statistic} {name}")
 
 
+def test_mixtral_experts_calibrate_on_their_routed_tokens(tiny_model):
+    """Each expert's w1/w3/w2 statistics are taken over the tokens the router sent
+    it, unweighted: the reference is computed in PyTorch from the routing that a
+    forward hook on transformers' MixtralExperts sees, with its own weights."""
+    hf, flax_dir = tiny_model("mixtral")
+    model, params, _ = load_model(flax_dir)
+    ids = np.random.default_rng(3).integers(0, 128, size=(2, 30)).astype(np.int32)
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__(name, (mod, args)))
+             for name, m in hf.named_modules() if type(m).__name__ == "MixtralExperts"]
+    with torch.no_grad():
+        hf(torch.as_tensor(ids, dtype=torch.long))
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 2
+    ours = dense_input_statistics(model, params, ids, "mean_abs")
+    checked = 0
+    for name, (mod, (x, index, _)) in seen.items():
+        layer = name.split(".")[2]
+        for e in range(mod.num_experts):
+            tokens = (index == e).any(-1)
+            prefix = f"layers_{layer}/block_sparse_moe/experts_{e}"
+            if not tokens.any():
+                assert f"{prefix}/w1" not in ours
+                continue
+            xe = x[tokens]
+            with torch.no_grad():
+                gate, up = torch.nn.functional.linear(xe, mod.gate_up_proj[e]).chunk(2, dim=-1)
+                he = torch.nn.functional.silu(gate) * up
+            for w, ref in (("w1", xe), ("w3", xe), ("w2", he)):
+                np.testing.assert_allclose(ours[f"{prefix}/{w}"], ref.abs().mean(0).numpy(), rtol=1e-4, atol=1e-6,
+                                           err_msg=f"{prefix}/{w}")
+            # averaging over every token (what running all experts on all tokens sees) differs
+            all_tokens = x.abs().mean(0).numpy()
+            assert tokens.sum() < len(tokens) and not np.allclose(ours[f"{prefix}/w1"], all_tokens, rtol=1e-3)
+            checked += 1
+    assert checked >= 4
+
+
 def test_sequential_recalibrates_later_layers_only(tiny_model):
     _, flax_dir = tiny_model("llama")
     model, params, _ = load_model(flax_dir)
