@@ -82,3 +82,63 @@ def test_registry_unreachable_gives_a_clear_error(monkeypatch, tmp_path):
     with pytest.raises(assets.AssetError, match="could not download gensim==4.4.0"):
         assets.text("lee")
     assert not (tmp_path / "cache" / "texts" / "lee.txt").exists()
+
+
+def _f16_bytes(x):
+    return np.asarray(x, np.float16).view(np.uint8).reshape(*np.shape(x), 2)
+
+
+def _pack_q8_0(q, d):
+    """GGML Q8_0 by hand: per block of 32, a float16 scale d then 32 int8 q; value = d * q."""
+    rows, blocks = d.shape
+    return np.concatenate([_f16_bytes(d),
+                           q.astype(np.int8).view(np.uint8).reshape(rows, blocks, 32)], -1).reshape(rows, -1)
+
+
+def _pack_q4_0(q, d):
+    """GGML Q4_0 by hand: per block of 32, a float16 scale d then 16 bytes; byte j holds
+    element j (low nibble) and element j + 16 (high nibble); value = d * (q - 8)."""
+    rows, blocks = d.shape
+    q = q.reshape(rows, blocks, 32).astype(np.uint8)
+    nibbles = q[..., :16] | (q[..., 16:] << 4)
+    return np.concatenate([_f16_bytes(d), nibbles], -1).reshape(rows, -1)
+
+
+def test_each_tensor_type_dequantizes_like_its_documented_layout(tmp_path):
+    """F16, BF16, Q8_0 and Q4_0 tensors (Q4_1 is the real model's), packed here by hand
+    from GGML's block layouts, come out of the converter as the values they encode."""
+    import gguf
+    from safetensors.numpy import load_file
+    rng = np.random.default_rng(0)
+    rows, k = 8, 64
+    d = rng.uniform(0.01, 0.1, (rows, k // 32)).astype(np.float16)
+    q8 = rng.integers(-128, 128, (rows, k))
+    q4 = rng.integers(0, 16, (rows, k))
+    f = rng.standard_normal((rows, k)).astype(np.float32)
+    bf16_bits = (f.view(np.uint32) >> 16).astype(np.uint16)
+    expected = {
+        "ffn_up": ("F16", f.astype(np.float16), f.astype(np.float16).astype(np.float32)),
+        "ffn_gate": ("BF16", bf16_bits.view(np.uint8).reshape(rows, -1),
+                     (bf16_bits.astype(np.uint32) << 16).view(np.float32)),
+        "ffn_down": ("Q8_0", _pack_q8_0(q8, d), np.repeat(d.astype(np.float32), 32, 1) * q8),
+        "attn_v": ("Q4_0", _pack_q4_0(q4, d), np.repeat(d.astype(np.float32), 32, 1) * (q4 - 8)),
+    }
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    for key, value in [("block_count", 1), ("context_length", 64), ("embedding_length", k),
+                       ("feed_forward_length", 64), ("head_count", 4), ("head_count_kv", 2)]:
+        getattr(w, f"add_{key}")(value)
+    w.add_layer_norm_rms_eps(1e-5)
+    for name, (kind, data, _) in expected.items():
+        if kind == "F16":
+            w.add_tensor(f"blk.0.{name}.weight", data)
+        else:
+            w.add_tensor(f"blk.0.{name}.weight", data, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    gguf2hf.convert(tmp_path / "m.gguf", tmp_path / "hf", progress=False)
+    tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    for name, (kind, _, values) in expected.items():
+        hf_name = gguf2hf.hf_tensor_name(f"blk.0.{name}.weight")
+        np.testing.assert_array_equal(tensors[hf_name], values.astype(np.float32), err_msg=kind)
