@@ -178,6 +178,21 @@ def save_model(out_dir, model, params, tokenizer=None, *, overwrite: bool = Fals
     return json.loads((Path(out_dir) / "manifest.json").read_text())
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _compute_dtype(dtype, saved: str):
+    """``dtype`` (None: ``saved``) as a jnp dtype, if it is one of ``COMPUTE_DTYPES``."""
+    name = saved if dtype is None else dtype
+    try:
+        name = jnp.dtype(name).name
+    except TypeError:
+        pass
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"dtype {dtype!r}; accepted: {', '.join(COMPUTE_DTYPES)} (or None: as saved)")
+    return jnp.dtype(name)
+
+
 def load_model(model_dir, *, dtype=None, tokenizer: bool | str = True, require: str | None = None, mesh=None,
                matmul: str = "auto"):
     """``(model, params, tokenizer)`` from a directory written by the converter
@@ -204,7 +219,7 @@ def load_model(model_dir, *, dtype=None, tokenizer: bool | str = True, require: 
         raise CheckpointError(f"{d} holds a model already quantized to {quant['fmt']}; a float model is "
                               f"required here (quantize the original float checkpoint instead)")
     config = ModelConfig.from_hf(json.loads((d / "config.json").read_text()))
-    model = Transformer(config, dtype=jnp.dtype(dtype or manifest.get("dtype", "float32")))
+    model = Transformer(config, dtype=_compute_dtype(dtype, manifest.get("dtype", "float32")))
     if quant:
         model = model.clone(dense=QuantDenseFactory(manifest_recipe(d, manifest), matmul, mesh))
     if manifest["format_version"] < 3 and quant:  # codes packed in pairs: repack on one device, then place

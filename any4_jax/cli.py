@@ -63,8 +63,9 @@ def cmd_quantize(args, rest):
     qmodel, qparams = quantize.quantize_model(model, params, fmt=args.format, tokenizer=tokenizer, **options)
     seconds = time.perf_counter() - start
     m = save_model(args.out, qmodel, qparams, tokenizer, overwrite=args.overwrite, source=args.model)
-    print(f"wrote {args.out}: {args.format}, group size {args.group_size}, "
-          f"{m['quantization']['bits_per_weight']} bits/weight, quantized in {seconds:.1f} s")
+    where = f" on {args.devices} {jax.default_backend()} devices" if args.devices > 1 else ""
+    print(f"wrote {args.out}: {args.format}, group size {options['group_size']}, "
+          f"{m['quantization']['bits_per_weight']} bits/weight, quantized in {seconds:.1f} s{where}")
     return 0
 
 

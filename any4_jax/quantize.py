@@ -201,6 +201,11 @@ def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None =
             stats = calibrate.dense_input_statistics(model, work, inputs, statistic)
         kernel = _get(params, path)["kernel"]
         w = jnp.asarray(kernel, jnp.float32).T  # Flax (K, N) -> (N, K)
+        bad = 0 if path not in stats else int((~np.isfinite(stats[path])).sum())
+        if bad:
+            raise ValueError(f"the calibration {statistic} of {path}'s input has {bad} non-finite value(s): the "
+                             f"model's activations overflow or are NaN on the calibration input (check the float "
+                             f"model's perplexity, or pass calibration=None)")
         qw = quantize_tensor(w, fmt, group_size, sample_weight=stats.get(path),
                              scale_sample_weight=scale_sample_weight, key=jax.random.fold_in(key, i),
                              storage_dtype=storage_dtype, **kmeans_options)

@@ -20,20 +20,25 @@ def group_scaled(w, group_size, levels=15):
     return u.astype(np.float32), np.repeat(s[..., 0], group_size, axis=1).astype(np.float32)
 
 
-def dequantize_by_hand(qw) -> np.ndarray:
-    """``W (N, K)`` in float64 from a ``QuantizedWeight``, decoding the packed
-    bytes by the documented layout, not the library's code: byte j of each
-    32-byte block holds element 32h + 4w + 2p in its low nibble and the next
-    element in its high nibble (w = j // 4, h = (j // 2) % 2, p = j % 2)."""
-    import jax.numpy as jnp
+def codes_by_hand(qw) -> np.ndarray:
+    """``(N, K)`` codes of a ``QuantizedWeight``, decoding the packed bytes by the
+    documented layout, not the library's code: byte j of each 32-byte block holds
+    element 32h + 4w + 2p in its low nibble and the next element in its high
+    nibble (w = j // 4, h = (j // 2) % 2, p = j % 2)."""
     codes = np.asarray(qw.codes)
-    n, k = qw.shape
-    full = np.zeros((n, 2 * codes.shape[1]), np.int64)
+    full = np.zeros((codes.shape[0], 2 * codes.shape[1]), np.int64)
     for j in range(codes.shape[1]):
         block, b = divmod(j, 32)
         e = 64 * block + 32 * ((b // 2) % 2) + 4 * (b // 4) + 2 * (b % 2)
         full[:, e], full[:, e + 1] = codes[:, j] & 15, codes[:, j] >> 4
-    full = full[:, :k]
+    return full[:, :qw.shape[1]]
+
+
+def dequantize_by_hand(qw) -> np.ndarray:
+    """``W (N, K)`` in float64 from a ``QuantizedWeight`` (``codes_by_hand``)."""
+    import jax.numpy as jnp
+    k = qw.shape[1]
+    full = codes_by_hand(qw)
     f64 = lambda a: np.asarray(jnp.asarray(a, jnp.float32), np.float64)
     group = np.arange(k) // qw.group_size
     return np.take_along_axis(f64(qw.lut), full, axis=1) * f64(qw.scales)[:, group] + f64(qw.zeros)[:, group]

@@ -51,3 +51,18 @@ def save(model, out_dir, kind):
 def torch_logits(model, ids):
     with torch.no_grad():
         return model(torch.as_tensor(ids)).logits.float().numpy()
+
+
+def char_tokenizer():
+    """A character-level tokenizer for the tiny models (98 ids < their vocabulary of
+    128): printable ASCII, <unk>/<s>/</s>, and a small chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{chr(i): i - 29 for i in range(32, 127)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    tok.decoder = decoders.Fuse()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>")
+    fast.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}[assistant] {% endif %}")
+    return fast

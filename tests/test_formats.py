@@ -7,7 +7,7 @@ import pytest
 from any4_jax import FORMATS, GROUP_SIZES, dequantize, quantize_tensor
 from any4_jax.formats import FP4_TABLE, NF4_TABLE, unpack_codes
 from any4_jax.kmeans import weighted_kmeans_1d
-from conftest import realistic_weight
+from conftest import codes_by_hand, group_scaled, realistic_weight
 
 SHAPES = [(8, 256, 64), (5, 200, 64), (3, 96, None)]  # (N, K, G); 200 % 64 != 0
 
@@ -178,6 +178,26 @@ def test_padding_takes_no_part_in_kmeans(rng):
     np.testing.assert_allclose(np.asarray(qw.lut) + 8, np.asarray(c), rtol=1e-5, atol=1e-5)
 
 
+def test_each_lut_entry_is_the_weighted_mean_of_its_elements(rng):
+    """At k-means' fixed point each LUT entry is the mean of the group-scaled
+    elements coded to it, weighted by activation x group scale (default) or by
+    the activation alone (``scale_sample_weight=False``); the other weighting's
+    means differ, so this tells the two apart."""
+    w, act = realistic_weight(rng, 6, 256)
+    u, scale = group_scaled(w, 64)
+    weights = {True: act[None, :] * scale, False: np.broadcast_to(act, w.shape)}
+    for scaled in (True, False):
+        qw = quantize_tensor(w, "any4", 64, sample_weight=act, storage_dtype="float32", scale_sample_weight=scaled,
+                             init="uniform", n_bins=None, tol=0.0)  # Lloyd run to its fixed point
+        codes = codes_by_hand(qw)
+        lut = np.asarray(qw.lut) + 8
+        for which, omega in weights.items():
+            means = np.array([[(omega[r] * u[r])[codes[r] == j].sum() / omega[r][codes[r] == j].sum()
+                               if (codes[r] == j).any() else lut[r, j] for j in range(16)] for r in range(6)])
+            close = np.allclose(means, lut, rtol=1e-4, atol=1e-4)
+            assert close == (which == scaled), (scaled, which, np.abs(means - lut).max())
+
+
 def test_deterministic_for_a_key(rng):
     w, act = realistic_weight(rng, 32, 256)
     key = jax.random.PRNGKey(11)
@@ -227,6 +247,7 @@ def test_nan_inf_rejected_with_count_and_position():
     (dict(w=np.ones((2, 64), np.int32)), "float"),
     (dict(sample_weight=np.ones(63, np.float32)), r"shape \(K,\) = \(64,\)"),
     (dict(sample_weight=-np.ones(64, np.float32)), "non-negative"),
+    (dict(sample_weight=np.r_[np.ones(63), np.nan].astype(np.float32)), r"sample_weight has 1 non-finite.*\(63,\)"),
 ])
 def test_bad_input(kwargs, match):
     args = dict(w=np.ones((2, 64), np.float32), fmt="any4", group_size=32)

@@ -104,6 +104,32 @@ def test_stop_token_ends_a_row(tiny_model):
     assert stopped == free[: free.index(free[3]) + 1]
 
 
+def test_a_row_that_stops_early_leaves_the_others_running(tiny_model):
+    """Row 0 stops in the second decode chunk on the first of several stop ids it
+    meets; row 1, which meets none, runs to max_new_tokens as it would alone."""
+    _, flax_dir = tiny_model("llama")
+    model, params, _ = load_model(flax_dir)
+    n = 2 * gen.DECODE_CHUNK + 5
+    alone = [gen.generate_ids(model, params, [p], max_new_tokens=n)[0] for p in ([5, 6, 7], [9, 3])]
+    late = [t for t in alone[0][gen.DECODE_CHUNK + 1:] if t not in alone[1] and t not in alone[0][:gen.DECODE_CHUNK + 1]]
+    assert late, "no token of row 0 to stop on (change the prompts)"
+    never = next(t for t in range(128) if t not in alone[0] + alone[1])
+    both = gen.generate_ids(model, params, [[5, 6, 7], [9, 3]], max_new_tokens=n, stop=[never, late[0]])
+    end = alone[0].index(late[0]) + 1
+    assert end > gen.DECODE_CHUNK + 1 and both == [alone[0][:end], alone[1]]
+
+
+def test_generate_stops_at_the_tokenizers_eos_by_default(tiny_model):
+    from hf_models import char_tokenizer
+    _, flax_dir = tiny_model("llama")
+    model, params, _ = load_model(flax_dir)
+    tok = char_tokenizer()
+    free = gen.generate(model, params, tok, "abc", max_new_tokens=20, stop=[])[0]
+    tok.eos_token = tok.convert_ids_to_tokens(free[4])  # a token the model emits early
+    stopped = gen.generate(model, params, tok, "abc", max_new_tokens=20)[0]
+    assert stopped == free[: free.index(free[4]) + 1] and len(stopped) < len(free)
+
+
 def test_sampling_is_seeded_and_respects_top_k():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 2000))
     import jax

@@ -187,6 +187,29 @@ def test_bad_arguments(tiny_model, kwargs, match):
         quantize_model(model, params, progress=False, **kwargs)
 
 
+def test_non_finite_calibration_activations_name_the_layer(tiny_model):
+    _, flax_dir = tiny_model("llama")
+    model, params, _ = load_model(flax_dir)
+    broken = jax.tree_util.tree_map(lambda x: x, params)
+    norm = broken["layers_1"]["post_attention_layernorm"]
+    norm["weight"] = jnp.full_like(norm["weight"], jnp.inf)
+    with pytest.raises(ValueError, match=r"abs_mean of layers_1/mlp/gate_proj's input has \d+ non-finite"):
+        quantize_model(model, broken, fmt="any4", group_size=32, calibration=IDS, progress=False)
+
+
+def test_load_model_computes_in_the_dtype_asked_for(tiny_model):
+    _, flax_dir = tiny_model("llama")
+    model, params, _ = load_model(flax_dir)
+    bf16, bf16_params, _ = load_model(flax_dir, dtype="bfloat16")
+    ref = np.asarray(model.apply({"params": params}, jnp.asarray(IDS)))
+    out = bf16.apply({"params": bf16_params}, jnp.asarray(IDS))
+    assert bf16.dtype == jnp.bfloat16  # logits come out in float32 either way
+    error = np.abs(np.asarray(out, np.float32) - ref).max() / np.abs(ref).max()
+    assert 1e-4 < error < 5e-2  # rounded to bf16's 8 bits, not float32's 24
+    with pytest.raises(ValueError, match="dtype 'int8'; accepted: float32, bfloat16, float16"):
+        load_model(flax_dir, dtype="int8")
+
+
 def test_calibration_text_shorter_than_one_token_is_refused(smollm2_flax):
     model, params, tok = load_model(smollm2_flax)
     with pytest.raises(ValueError, match="shorter than one token"):
