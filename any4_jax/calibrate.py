@@ -46,6 +46,28 @@ Dear team, please find the minutes of Monday's meeting attached; the budget revi
 """
 
 
+GENERATED_SEEDS = ("The", "In", "A", "It", "When", "This", "There", "He", "She", "We", "Once", "After",
+                   "Today", "If", "My", "Our")
+
+
+def generated_ids(model, params, tokenizer, sequences: int = 8, tokens: int = 512, seed: int = 0) -> np.ndarray:
+    """``(sequences, T)`` token ids of text the float model writes itself from
+    one-word seeds (sampled at temperature 1, top-p 0.95): calibration data
+    that cannot overlap any evaluation text (docs/design.md §3)."""
+    from any4_jax.generation import generate  # a decode loop: imported only where text is generated
+
+    if not 1 <= sequences <= len(GENERATED_SEEDS) or tokens < 1:
+        raise ValueError(f"generated calibration: sequences must be 1..{len(GENERATED_SEEDS)} and tokens >= 1; "
+                         f"got {sequences}, {tokens}")
+    seeds = list(GENERATED_SEEDS[:sequences])
+    prompts = [tokenizer(s)["input_ids"] for s in seeds]
+    new = generate(model, params, tokenizer, seeds, max_new_tokens=tokens, temperature=1.0, top_p=0.95,
+                   seed=seed, stop=[])
+    rows = [p + n for p, n in zip(prompts, new)]
+    length = min(len(r) for r in rows)
+    return np.asarray([r[:length] for r in rows], np.int32)
+
+
 def dense_input_statistics(model, params, inputs, statistic: str = "abs_mean"):
     """``{module path: (K,) float64 statistic of its input}`` for every ``nn.Dense``
     (and subclass) called while running ``model.apply({"params": params}, x)``.
@@ -58,25 +80,37 @@ def dense_input_statistics(model, params, inputs, statistic: str = "abs_mean"):
     """
     if statistic not in STATISTICS:
         raise ValueError(f"unknown statistic {statistic!r}; accepted: {', '.join(STATISTICS)}")
-    totals: dict = {}
-    for x in inputs if isinstance(inputs, list) else [inputs]:
-        run, order = _capture_fn(model)
-        stats = run(params, jnp.asarray(x))
-        for path, values in zip(order, stats):
-            values = [np.asarray(v, np.float64) for v in values]
-            totals[path] = [a + b for a, b in zip(totals[path], values)] if path in totals else values
     out = {}
-    for path, (n, s, sa, sq) in totals.items():
-        if n == 0:
-            continue
-        out[path] = {"abs_mean": np.abs(s / n), "mean_abs": sa / n, "rms": np.sqrt(sq / n)}[statistic]
+    for path, (n, s, sa, sq) in _pooled(model, params, inputs, hessian=False).items():
+        if n > 0:
+            out[path] = {"abs_mean": np.abs(s / n), "mean_abs": sa / n, "rms": np.sqrt(sq / n)}[statistic]
     return out
 
 
+def dense_input_hessians(model, params, inputs):
+    """``{module path: (K, K) float32 E[x xᵀ]}`` of every Dense input over the
+    tokens of ``inputs`` (GPTQ's Hessian, up to a factor 2); as
+    ``dense_input_statistics`` otherwise."""
+    return {path: (h / n).astype(np.float32)
+            for path, (n, h) in _pooled(model, params, inputs, hessian=True).items() if n > 0}
+
+
+def _pooled(model, params, inputs, hessian: bool) -> dict:
+    totals: dict = {}
+    for x in inputs if isinstance(inputs, list) else [inputs]:
+        run, order = _capture_fn(model, hessian)
+        sums = run(params, jnp.asarray(x))
+        for path, values in zip(order, sums):
+            values = [np.asarray(v, np.float64 if not hessian else np.float32) for v in values]
+            totals[path] = [a + b for a, b in zip(totals[path], values)] if path in totals else values
+    return totals
+
+
 @functools.lru_cache(maxsize=8)
-def _capture_fn(model):
-    """A jitted forward that returns every Dense input's sums, and the list of
-    their module paths in call order (filled in when it is traced)."""
+def _capture_fn(model, hessian: bool = False):
+    """A jitted forward that returns every Dense input's sums (token count and
+    sums of x, |x|, x², or token count and xᵀx), and the list of their module
+    paths in call order (filled in when it is traced)."""
     order = []
 
     @jax.jit
@@ -99,7 +133,8 @@ def _capture_fn(model):
                 w = routed[-1].reshape(-1, 1).astype(jnp.float32) if routed else jnp.ones((a.shape[0], 1))
                 path = "/".join(context.module.path)
                 if path not in records:  # a layer called twice keeps its first call's stats
-                    records[path] = (w.sum(), (w * a).sum(0), (w * jnp.abs(a)).sum(0), (w * a * a).sum(0))
+                    records[path] = (w.sum(), (w * a).T @ a) if hessian else (
+                        w.sum(), (w * a).sum(0), (w * jnp.abs(a)).sum(0), (w * a * a).sum(0))
             return next_fun(*args, **kwargs)
 
         with nn.intercept_methods(interceptor):

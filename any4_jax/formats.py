@@ -195,11 +195,16 @@ def quantize_tensor(w, fmt: str = "any4", group_size: int | None = 128, *,
     else:
         lut, codes, scales, zeros = _quantize_any(wg, bits, k, sample_weight,
                                                   scale_sample_weight, key, kmeans_options)
-    codes = codes.reshape(n, -1)[:, :k]
+    return assemble(w, codes.reshape(n, -1)[:, :k], lut, scales, zeros, fmt, g, storage_dtype)
+
+
+def assemble(w, codes, lut, scales, zeros, fmt: str, group_size: int, storage_dtype) -> QuantizedWeight:
+    """The ``QuantizedWeight`` of ``w (N, K)`` from ``(N, K)`` codes and float32
+    metadata, rounded to ``storage_dtype`` (a ValueError if it cannot hold them)."""
     for name, a in (("scale", scales), ("zero", zeros), ("LUT entry", lut)):
         _check_storable(a, name, storage_dtype, w)
     return QuantizedWeight(pack_codes(codes), lut.astype(storage_dtype), scales.astype(storage_dtype),
-                           zeros.astype(storage_dtype), (n, k), bits, g, fmt)
+                           zeros.astype(storage_dtype), tuple(w.shape), get_format(fmt).bits, group_size, fmt)
 
 
 def _to_groups(a, g, mode="constant"):

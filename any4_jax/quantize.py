@@ -22,10 +22,14 @@ import numpy as np
 from tqdm import tqdm
 
 from any4_jax import calibrate
+from any4_jax.gptq import gptq_quantize
 from any4_jax.formats import (STORAGE_DTYPES, QuantizedWeight, check_group_size, check_storage_dtype,
                               dequantize, get_format, quantize_tensor)
 from any4_jax.layers import QuantDense, check_matmul_path, quantized_dense
 from any4_jax.models import float_dense
+
+
+METHODS = ("plain", "gptq")  # docs/design.md §9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +42,7 @@ class Recipe:
     argument of ``quantize_model``.
     """
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2  # 2 added method and act_order (version 1: plain)
 
     fmt: str = "any4"
     group_size: int | None = 128
@@ -48,6 +52,8 @@ class Recipe:
     statistic: str = "abs_mean"
     scale_sample_weight: bool = True
     sequential: bool = False
+    method: str = "plain"
+    act_order: bool = False
 
     def __post_init__(self):
         get_format(self.fmt)
@@ -56,6 +62,8 @@ class Recipe:
         object.__setattr__(self, "skip", tuple(self.skip or ()))
         if self.statistic not in calibrate.STATISTICS:
             raise ValueError(f"unknown statistic {self.statistic!r}; accepted: {', '.join(calibrate.STATISTICS)}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; accepted: {', '.join(METHODS)}")
 
     def to_dict(self) -> dict:
         return {"recipe_version": self.VERSION, **dataclasses.asdict(self)}
@@ -65,8 +73,10 @@ class Recipe:
         """The recipe a checkpoint recorded; a ValueError names an unknown version or field."""
         d = dict(d)
         version = d.pop("recipe_version", None)
-        if version != cls.VERSION:
-            raise ValueError(f"recipe_version {version!r} is not one this any4-jax reads ({cls.VERSION})")
+        if version not in (1, cls.VERSION):
+            raise ValueError(f"recipe_version {version!r} is not one this any4-jax reads (1, {cls.VERSION})")
+        if version == 1:
+            d.update(method="plain", act_order=False)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown, missing = sorted(set(d) - names), sorted(names - set(d))
         if unknown or missing:
@@ -125,8 +135,10 @@ class QuantizedModel:
 
 
 def calibration_inputs(calibration, tokenizer, max_len: int | None = None):
-    """Model inputs for ``calibration``: ``"default"``, a prompt, a list of texts,
-    an array of token ids / model inputs, or ``None`` (no calibration). An input
+    """Model inputs for ``calibration``: ``"default"`` (the built-in prompt), a
+    prompt, a list of texts, an array of token ids / model inputs, or ``None``
+    (no calibration); ``quantize_model`` also takes ``"generated"``
+    (``calibrate.generated_ids``). An input
     longer than ``max_len`` tokens (the model's context) is split into chunks of
     at most ``max_len``, with a warning (statistics pool over all chunks)."""
     if calibration is None:
@@ -162,7 +174,7 @@ def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None =
                    skip=("lm_head",), calibration="default", statistic: str = "abs_mean",
                    scale_sample_weight: bool = True, sequential: bool = False, tokenizer=None,
                    key=None, storage_dtype: str = "bfloat16", progress: bool = True, matmul: str = "auto",
-                   **kmeans_options):
+                   method: str = "plain", act_order: bool = False, **kmeans_options):
     """Quantize every Dense layer of ``model`` except those named in ``skip``.
 
     Returns ``(qmodel, qparams)``: ``qmodel.apply({"params": qparams}, x)`` runs
@@ -172,23 +184,34 @@ def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None =
     (``abs_mean``, ``mean_abs`` or ``rms``) from one forward pass of the float
     model; ``sequential=True`` re-runs that pass before each layer on the
     partially quantized model, as the original did (one pass per layer: slower).
-    ``storage_dtype`` is the dtype of the stored LUTs, scales and zeros;
+    ``method="gptq"`` then snaps each weight to its row's table (learned or
+    fixed) with GPTQ error feedback through the Hessian of the layer's inputs on
+    the calibration data (``gptq.gptq_quantize``; ``act_order`` orders columns
+    by it). ``storage_dtype`` is the dtype of the stored LUTs, scales and zeros;
     ``matmul`` the ``qmatmul`` path of the returned model. The fields become the
     model's ``Recipe``; ``kmeans_options`` go to ``quantize_tensor``.
     """
     recipe = Recipe(fmt, group_size, storage_dtype, skip, _describe(calibration), statistic,
-                    scale_sample_weight, sequential)
+                    scale_sample_weight, sequential, method, act_order)
+    if isinstance(calibration, str) and calibration == "generated":
+        if tokenizer is None:
+            raise ValueError("calibration='generated' needs the model's tokenizer (tokenizer=...)")
+        calibration = calibrate.generated_ids(model, params, tokenizer)
     skip = recipe.skip
     key = jax.random.PRNGKey(0) if key is None else key
     inputs = calibration_inputs(calibration, tokenizer,
                                 getattr(getattr(model, "config", None), "max_position_embeddings", None))
 
+    if method == "gptq" and inputs is None:
+        raise ValueError("method='gptq' needs calibration data (got calibration=None)")
     layers = _dense_layers(params, skip)
-    stats = {}
+    stats, hessians = {}, {}
     if inputs is not None:
         # One pass finds the call order and (unless sequential) every layer's statistic.
         stats = calibrate.dense_input_statistics(model, params, inputs, statistic)
         order = [p for p in stats if p in layers] + [p for p in layers if p not in stats]
+        if method == "gptq":
+            hessians = calibrate.dense_input_hessians(model, params, inputs)
     else:
         order = list(layers)
 
@@ -199,6 +222,8 @@ def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None =
         bar.set_postfix_str(path)
         if sequential and inputs is not None and i > 0:
             stats = calibrate.dense_input_statistics(model, work, inputs, statistic)
+            if method == "gptq":
+                hessians = calibrate.dense_input_hessians(model, work, inputs)
         kernel = _get(params, path)["kernel"]
         w = jnp.asarray(kernel, jnp.float32).T  # Flax (K, N) -> (N, K)
         bad = 0 if path not in stats else int((~np.isfinite(stats[path])).sum())
@@ -209,6 +234,9 @@ def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None =
         qw = quantize_tensor(w, fmt, group_size, sample_weight=stats.get(path),
                              scale_sample_weight=scale_sample_weight, key=jax.random.fold_in(key, i),
                              storage_dtype=storage_dtype, **kmeans_options)
+        if path in hessians:
+            qw = gptq_quantize(w, hessians[path], fmt, group_size, lut=qw.lut, act_order=act_order,
+                               storage_dtype=storage_dtype)
         quantized[path] = qw
         if sequential:
             _get(work, path)["kernel"] = dequantize(qw, kernel.dtype).T
@@ -236,7 +264,12 @@ def add_arguments(p: argparse.ArgumentParser):
     """The quantization flags, shared by ``any4 quantize`` and ``python -m converters.hf2flax``."""
     p.add_argument("--group-size", default="128", help="32, 64, 128, 256, 512, 1024 or 'none' (one group a row)")
     p.add_argument("--calibration", default="default",
-                   help="'default' (the built-in one-prompt calibration), a text FILE, or 'none'")
+                   help="'default' (the built-in one-prompt calibration), 'generated' (8 x 512 tokens the "
+                        "float model writes from one-word seeds), a text FILE, or 'none'")
+    p.add_argument("--method", default="plain", choices=METHODS,
+                   help="plain (the paper's) or gptq (error feedback through the Hessian of each layer's "
+                        "inputs; use it with --calibration generated)")
+    p.add_argument("--act-order", action="store_true", help="gptq: columns in order of decreasing Hessian diagonal")
     p.add_argument("--statistic", default="abs_mean", choices=calibrate.STATISTICS,
                    help="per-input-channel activation statistic (default abs_mean, the paper's)")
     p.add_argument("--sequential", action="store_true",
@@ -255,15 +288,16 @@ def from_arguments(args) -> dict:
     cal = args.calibration
     if cal.lower() == "none":
         cal = None
-    elif cal != "default":
+    elif cal not in ("default", "generated"):
         path = Path(cal)
         if not path.is_file():
-            raise FileNotFoundError(f"--calibration {cal}: not 'default', 'none' or an existing text file")
+            raise FileNotFoundError(f"--calibration {cal}: not 'default', 'generated', 'none' or an existing text file")
         try:
             cal = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise ValueError(f"--calibration {cal}: not a UTF-8 text file ({e.reason} at byte {e.start})") from e
     return dict(group_size=group, calibration=cal, statistic=args.statistic, sequential=args.sequential,
+                method=args.method, act_order=args.act_order,
                 storage_dtype=args.storage_dtype, key=jax.random.PRNGKey(args.seed))
 
 
@@ -271,7 +305,7 @@ def _describe(calibration):
     if calibration is None or isinstance(calibration, str) and calibration == "default":
         return calibration
     if isinstance(calibration, str):
-        return f"prompt ({len(calibration)} chars)"
+        return "generated (8 x 512 tokens)" if calibration == "generated" else f"prompt ({len(calibration)} chars)"
     if isinstance(calibration, (list, tuple)):
         return f"{len(calibration)} texts"
     return "token ids"
