@@ -28,8 +28,14 @@ from any4_jax.formats import QuantizedWeight, assemble, check_group_size, check_
 BLOCK = 128  # columns updated lazily together (GPTQ's block size)
 
 
+def default_damp(fmt: str) -> float:
+    """GPTQ's 1% of the mean diagonal for fixed tables; 3.0 for anyN, whose
+    LUT already fits the weights (docs/design.md §9: measured on SmolLM2)."""
+    return 3.0 if get_format(fmt).kind == "learned" else 0.01
+
+
 def gptq_quantize(w, hessian, fmt: str = "int4", group_size: int | None = 128, *, lut=None,
-                  damp: float = 0.01, act_order: bool = False, storage_dtype="bfloat16") -> QuantizedWeight:
+                  damp: float | None = None, act_order: bool = False, storage_dtype="bfloat16") -> QuantizedWeight:
     """Quantize an ``(N, K)`` weight with GPTQ error feedback.
 
     Args:
@@ -40,7 +46,7 @@ def gptq_quantize(w, hessian, fmt: str = "int4", group_size: int | None = 128, *
       lut: ``(N, 2**bits)`` per-row table for the learned formats (anyN),
         e.g. the ``lut`` of ``quantize_tensor(w, "any4", ...)``; the fixed
         formats use their own table.
-      damp: added to the diagonal, as a fraction of its mean (GPTQ's 0.01).
+      damp: added to the diagonal, as a fraction of its mean (default ``default_damp(fmt)``).
       act_order: quantize columns by decreasing ``diag(H)`` (static groups).
     """
     spec = get_format(fmt)
@@ -55,6 +61,7 @@ def gptq_quantize(w, hessian, fmt: str = "int4", group_size: int | None = 128, *
         raise ValueError(f"hessian must have shape (K, K) = ({k}, {k}) to match w of shape {w.shape}; got {h.shape}")
     if not (bool(jnp.all(jnp.isfinite(w))) and bool(jnp.all(jnp.isfinite(h)))):
         raise ValueError("w and hessian must be finite (no NaN/Inf)")
+    damp = default_damp(fmt) if damp is None else damp
     if not (np.isfinite(damp) and damp >= 0):
         raise ValueError(f"damp must be a finite number >= 0; got {damp}")
     levels = 2 ** spec.bits

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from any4_jax import calibrate
-from any4_jax.gptq import gptq_quantize
+from any4_jax.gptq import default_damp, gptq_quantize
 from any4_jax.formats import (STORAGE_DTYPES, QuantizedWeight, check_group_size, check_storage_dtype,
                               dequantize, get_format, quantize_tensor)
 from any4_jax.layers import QuantDense, check_matmul_path, quantized_dense
@@ -42,7 +42,7 @@ class Recipe:
     argument of ``quantize_model``.
     """
 
-    VERSION: ClassVar[int] = 2  # 2 added method and act_order (version 1: plain)
+    VERSION: ClassVar[int] = 2  # 2 added method, act_order and damp (version 1: plain)
 
     fmt: str = "any4"
     group_size: int | None = 128
@@ -54,6 +54,7 @@ class Recipe:
     sequential: bool = False
     method: str = "plain"
     act_order: bool = False
+    damp: float | None = None
 
     def __post_init__(self):
         get_format(self.fmt)
@@ -76,7 +77,7 @@ class Recipe:
         if version not in (1, cls.VERSION):
             raise ValueError(f"recipe_version {version!r} is not one this any4-jax reads (1, {cls.VERSION})")
         if version == 1:
-            d.update(method="plain", act_order=False)
+            d.update(method="plain", act_order=False, damp=None)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown, missing = sorted(set(d) - names), sorted(names - set(d))
         if unknown or missing:
@@ -174,7 +175,7 @@ def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None =
                    skip=("lm_head",), calibration="default", statistic: str = "abs_mean",
                    scale_sample_weight: bool = True, sequential: bool = False, tokenizer=None,
                    key=None, storage_dtype: str = "bfloat16", progress: bool = True, matmul: str = "auto",
-                   method: str = "plain", act_order: bool = False, **kmeans_options):
+                   method: str = "plain", act_order: bool = False, damp: float | None = None, **kmeans_options):
     """Quantize every Dense layer of ``model`` except those named in ``skip``.
 
     Returns ``(qmodel, qparams)``: ``qmodel.apply({"params": qparams}, x)`` runs
@@ -187,12 +188,14 @@ def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None =
     ``method="gptq"`` then snaps each weight to its row's table (learned or
     fixed) with GPTQ error feedback through the Hessian of the layer's inputs on
     the calibration data (``gptq.gptq_quantize``; ``act_order`` orders columns
-    by it). ``storage_dtype`` is the dtype of the stored LUTs, scales and zeros;
+    by it; ``damp``, default ``gptq.default_damp(fmt)``, is its damping). ``storage_dtype`` is the dtype of the stored LUTs, scales and zeros;
     ``matmul`` the ``qmatmul`` path of the returned model. The fields become the
     model's ``Recipe``; ``kmeans_options`` go to ``quantize_tensor``.
     """
+    if method == "gptq" and damp is None:
+        damp = default_damp(fmt)
     recipe = Recipe(fmt, group_size, storage_dtype, skip, _describe(calibration), statistic,
-                    scale_sample_weight, sequential, method, act_order)
+                    scale_sample_weight, sequential, method, act_order, damp if method == "gptq" else None)
     if isinstance(calibration, str) and calibration == "generated":
         if tokenizer is None:
             raise ValueError("calibration='generated' needs the model's tokenizer (tokenizer=...)")
@@ -235,7 +238,7 @@ def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None =
                              scale_sample_weight=scale_sample_weight, key=jax.random.fold_in(key, i),
                              storage_dtype=storage_dtype, **kmeans_options)
         if path in hessians:
-            qw = gptq_quantize(w, hessians[path], fmt, group_size, lut=qw.lut, act_order=act_order,
+            qw = gptq_quantize(w, hessians[path], fmt, group_size, lut=qw.lut, act_order=act_order, damp=damp,
                                storage_dtype=storage_dtype)
         quantized[path] = qw
         if sequential:
@@ -270,6 +273,8 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="plain (the paper's) or gptq (error feedback through the Hessian of each layer's "
                         "inputs; use it with --calibration generated)")
     p.add_argument("--act-order", action="store_true", help="gptq: columns in order of decreasing Hessian diagonal")
+    p.add_argument("--damp", type=float, default=None,
+                   help="gptq: diagonal damping as a fraction of the mean diagonal (default: 0.01, anyN 3.0)")
     p.add_argument("--statistic", default="abs_mean", choices=calibrate.STATISTICS,
                    help="per-input-channel activation statistic (default abs_mean, the paper's)")
     p.add_argument("--sequential", action="store_true",
@@ -297,7 +302,7 @@ def from_arguments(args) -> dict:
         except UnicodeDecodeError as e:
             raise ValueError(f"--calibration {cal}: not a UTF-8 text file ({e.reason} at byte {e.start})") from e
     return dict(group_size=group, calibration=cal, statistic=args.statistic, sequential=args.sequential,
-                method=args.method, act_order=args.act_order,
+                method=args.method, act_order=args.act_order, damp=args.damp,
                 storage_dtype=args.storage_dtype, key=jax.random.PRNGKey(args.seed))
 
 

@@ -4,8 +4,8 @@
 
 For each group size: float, int4/fp4/nf4, any4 (uncalibrated; calibrated on
 the built-in prompt without and with scale weighting; other statistics;
-sequential; float32 instead of bfloat16 LUT/scale/zero storage), any3/int3,
-any2/int2 — perplexity on Botchan and on the Lee corpus (non-overlapping windows
+sequential; float32 instead of bfloat16 LUT/scale/zero storage; calibrated on
+generated text), GPTQ-int4/nf4 and any4 + GPTQ, any3/int3, any2/int2 — perplexity on Botchan and on the Lee corpus (non-overlapping windows
 of --seq-len tokens) and each run's quantization time. The essential rows (the
 paper's comparison) run first at every group size, then the ablations.
 
@@ -46,6 +46,11 @@ CONFIGS = [
     ("any4, calibrated x scale, sequential", dict(fmt="any4", sequential=True), False),
     ("int3", dict(fmt="int3", calibration=None), True),
     ("any3, calibrated x scale", dict(fmt="any3"), True),
+    ("any4, calibrated on generated text x scale", dict(fmt="any4", calibration="generated"), True),
+    ("GPTQ-int4, generated, act-order, damp 0.01", dict(fmt="int4", method="gptq", act_order=True, damp=0.01, calibration="generated"), True),
+    ("GPTQ-nf4, generated, act-order, damp 0.01", dict(fmt="nf4", method="gptq", act_order=True, damp=0.01, calibration="generated"), True),
+    ("any4 + GPTQ, generated, act-order, damp 3", dict(fmt="any4", method="gptq", act_order=True, damp=3.0,
+                                                       calibration="generated"), True),
     ("int2", dict(fmt="int2", calibration=None), False),
     ("any2, calibrated x scale", dict(fmt="any2"), False),
 ]
@@ -85,7 +90,10 @@ def main():
         f"(machine: {platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__}).",
         f"Perplexity over {args.windows} non-overlapping windows of {args.seq_len} tokens of each text "
         "(Botchan from the sentencepiece sources; the Lee news corpus from gensim).",
-        "All linear layers but the tied lm_head are quantized; calibration is the built-in one-prompt text. "
+        "All linear layers but the tied lm_head are quantized; calibration is the built-in one-prompt text, "
+        "or, in rows that say 'generated', 8 x 512 tokens the float model writes itself from one-word seeds "
+        "(`calibration=\"generated\"`: no overlap with either text; its generation time is part of 'quantize s'). "
+        "GPTQ rows: `method=\"gptq\"` (error feedback through each layer's input Hessian). "
         "LUTs, scales and zeros are stored as bfloat16 (the default) unless a row says float32.",
         "",
         "**SmolLM2's released weights are already 4-bit** (llama.cpp Q4_1, blocks of 32): the 'float' row is",
