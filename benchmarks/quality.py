@@ -5,8 +5,9 @@
 For each group size: float, int4/fp4/nf4, any4 (uncalibrated; calibrated on
 the built-in prompt without and with scale weighting; other statistics;
 sequential; float32 instead of bfloat16 LUT/scale/zero storage; calibrated on
-generated text), GPTQ-int4/nf4 and any4 + GPTQ, any3/int3, any2/int2 — perplexity on Botchan and on the Lee corpus (non-overlapping windows
-of --seq-len tokens) and each run's quantization time. The essential rows (the
+generated text), GPTQ-int4/nf4, any4 and any3 + GPTQ, any3/int3, any2/int2 —
+perplexity on Botchan and on the Lee corpus (non-overlapping windows of
+--seq-len tokens) and each run's quantization time. The essential rows (the
 paper's comparison) run first at every group size, then the ablations.
 
 Results are kept in a JSON file beside the table, rewritten after every row and
@@ -50,6 +51,8 @@ CONFIGS = [
     ("GPTQ-int4, generated, act-order, damp 0.01", dict(fmt="int4", method="gptq", act_order=True, damp=0.01, calibration="generated"), True),
     ("GPTQ-nf4, generated, act-order, damp 0.01", dict(fmt="nf4", method="gptq", act_order=True, damp=0.01, calibration="generated"), True),
     ("any4 + GPTQ, generated, act-order, damp 3", dict(fmt="any4", method="gptq", act_order=True, damp=3.0,
+                                                       calibration="generated"), True),
+    ("any3 + GPTQ, generated, act-order, damp 3", dict(fmt="any3", method="gptq", act_order=True, damp=3.0,
                                                        calibration="generated"), True),
     ("int2", dict(fmt="int2", calibration=None), False),
     ("any2, calibrated x scale", dict(fmt="any2"), False),

@@ -66,3 +66,18 @@ def char_tokenizer():
     fast.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
                           "{% if add_generation_prompt %}[assistant] {% endif %}")
     return fast
+
+
+def linear_inputs(model, ids) -> dict:
+    """``{module name: (tokens, K) input}`` of every ``torch.nn.Linear`` of ``model``
+    run on ``ids``, seen by forward hooks."""
+    inputs = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: inputs.__setitem__(name, args[0]))
+             for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        with torch.no_grad():
+            model(torch.as_tensor(ids, dtype=torch.long))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: x.reshape(-1, x.shape[-1]) for name, x in inputs.items()}

@@ -111,20 +111,14 @@ def test_bad_input(kwargs, match):
 
 
 def test_hessians_match_pytorch_hooks(tiny_model):
-    import torch
+    from hf_models import linear_inputs
     hf, flax_dir = tiny_model("llama")
     model, params, _ = load_model(flax_dir)
     ids = np.random.default_rng(2).integers(0, 128, size=(2, 24)).astype(np.int32)
-    inputs = {}
-    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: inputs.__setitem__(name, args[0]))
-             for name, m in hf.named_modules() if isinstance(m, torch.nn.Linear)]
-    with torch.no_grad():
-        hf(torch.as_tensor(ids, dtype=torch.long))
-    for hk in hooks:
-        hk.remove()
+    inputs = linear_inputs(hf, ids)
     ours = dense_input_hessians(model, params, ids)
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
-        x = inputs[name].reshape(-1, inputs[name].shape[-1]).double().numpy()
+        x = inputs[name].double().numpy()
         path = name.removeprefix("model.").replace("layers.", "layers_").replace(".", "/")
         np.testing.assert_allclose(ours[path], x.T @ x / len(x), rtol=1e-4, atol=1e-5 * np.abs(x).max() ** 2)
 

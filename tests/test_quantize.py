@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import dequantize_by_hand
+from hf_models import linear_inputs
 import torch
 
 from any4_jax import dequantize, load_model, quantize_tensor
@@ -79,19 +80,13 @@ def test_calibration_statistics_match_pytorch_hooks(tiny_model):
     forward-hook statistics of transformers' PyTorch model on the same ids."""
     hf, flax_dir = tiny_model("llama")
     model, params, _ = load_model(flax_dir)
-    inputs = {}
-    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: inputs.__setitem__(name, args[0]))
-             for name, m in hf.named_modules() if isinstance(m, torch.nn.Linear)]
-    with torch.no_grad():
-        hf(torch.as_tensor(IDS, dtype=torch.long))
-    for h in hooks:
-        h.remove()
+    inputs = linear_inputs(hf, IDS)
     for statistic, fn in [("abs_mean", lambda x: x.mean(0).abs()), ("mean_abs", lambda x: x.abs().mean(0)),
                           ("rms", lambda x: x.pow(2).mean(0).sqrt())]:
         ours = dense_input_statistics(model, params, IDS, statistic)
         for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head"):
             path = name.removeprefix("model.").replace("layers.", "layers_").replace(".", "/")
-            ref = fn(inputs[name].reshape(-1, inputs[name].shape[-1])).numpy()
+            ref = fn(inputs[name]).numpy()
             np.testing.assert_allclose(ours[path], ref, rtol=1e-4, atol=1e-5, err_msg=f"{statistic} {name}")
 
 
