@@ -52,8 +52,9 @@ GENERATED_SEEDS = ("The", "In", "A", "It", "When", "This", "There", "He", "She",
 
 def generated_ids(model, params, tokenizer, sequences: int = 8, tokens: int = 512, seed: int = 0) -> np.ndarray:
     """``(sequences, T)`` token ids of text the float model writes itself from
-    one-word seeds (sampled at temperature 1, top-p 0.95): calibration data
-    that cannot overlap any evaluation text (docs/design.md §3)."""
+    one-word seeds (sampled at temperature 1, top-p 0.95; ``tokens`` new ones,
+    fewer if the model's context is shorter): calibration data that cannot
+    overlap any evaluation text (docs/design.md §3)."""
     from any4_jax.generation import generate  # a decode loop: imported only where text is generated
 
     if not 1 <= sequences <= len(GENERATED_SEEDS) or tokens < 1:
@@ -61,6 +62,9 @@ def generated_ids(model, params, tokenizer, sequences: int = 8, tokens: int = 51
                          f"got {sequences}, {tokens}")
     seeds = list(GENERATED_SEEDS[:sequences])
     prompts = [tokenizer(s)["input_ids"] for s in seeds]
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if context:  # a short-context model writes less
+        tokens = max(1, min(tokens, context - max(len(p) for p in prompts)))
     new = generate(model, params, tokenizer, seeds, max_new_tokens=tokens, temperature=1.0, top_p=0.95,
                    seed=seed, stop=[])
     rows = [p + n for p, n in zip(prompts, new)]

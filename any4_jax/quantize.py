@@ -175,7 +175,7 @@ def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None =
                    skip=("lm_head",), calibration="default", statistic: str = "abs_mean",
                    scale_sample_weight: bool = True, sequential: bool = False, tokenizer=None,
                    key=None, storage_dtype: str = "bfloat16", progress: bool = True, matmul: str = "auto",
-                   method: str = "plain", act_order: bool = False, damp: float | None = None, **kmeans_options):
+                   method: str = "plain", act_order: bool = True, damp: float | None = None, **kmeans_options):
     """Quantize every Dense layer of ``model`` except those named in ``skip``.
 
     Returns ``(qmodel, qparams)``: ``qmodel.apply({"params": qparams}, x)`` runs
@@ -188,18 +188,27 @@ def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None =
     ``method="gptq"`` then snaps each weight to its row's table (learned or
     fixed) with GPTQ error feedback through the Hessian of the layer's inputs on
     the calibration data (``gptq.gptq_quantize``; ``act_order`` orders columns
-    by it; ``damp``, default ``gptq.default_damp(fmt)``, is its damping). ``storage_dtype`` is the dtype of the stored LUTs, scales and zeros;
-    ``matmul`` the ``qmatmul`` path of the returned model. The fields become the
+    by it; ``damp``, default ``gptq.default_damp(fmt)``, is its damping); its
+    ``"default"`` calibration is ``"generated"`` (one prompt is too few tokens
+    for a Hessian). ``storage_dtype`` is the dtype of the stored LUTs, scales
+    and zeros; ``matmul`` the ``qmatmul`` path of the returned model. The fields become the
     model's ``Recipe``; ``kmeans_options`` go to ``quantize_tensor``.
     """
-    if method == "gptq" and damp is None:
-        damp = default_damp(fmt)
-    recipe = Recipe(fmt, group_size, storage_dtype, skip, _describe(calibration), statistic,
-                    scale_sample_weight, sequential, method, act_order, damp if method == "gptq" else None)
+    if method == "gptq":
+        damp = default_damp(fmt) if damp is None else damp
+        calibration = "generated" if isinstance(calibration, str) and calibration == "default" else calibration
+    else:
+        act_order, damp = False, None
+    described = _describe(calibration)
+    Recipe(fmt, group_size, storage_dtype, skip, described, statistic, scale_sample_weight, sequential, method,
+           act_order, damp)  # every argument checked before the generation below
     if isinstance(calibration, str) and calibration == "generated":
         if tokenizer is None:
             raise ValueError("calibration='generated' needs the model's tokenizer (tokenizer=...)")
         calibration = calibrate.generated_ids(model, params, tokenizer)
+        described = f"generated ({calibration.shape[0]} x {calibration.shape[1]} tokens)"
+    recipe = Recipe(fmt, group_size, storage_dtype, skip, described, statistic, scale_sample_weight, sequential,
+                    method, act_order, damp)
     skip = recipe.skip
     key = jax.random.PRNGKey(0) if key is None else key
     inputs = calibration_inputs(calibration, tokenizer,
@@ -271,8 +280,9 @@ def add_arguments(p: argparse.ArgumentParser):
                         "float model writes from one-word seeds), a text FILE, or 'none'")
     p.add_argument("--method", default="plain", choices=METHODS,
                    help="plain (the paper's) or gptq (error feedback through the Hessian of each layer's "
-                        "inputs; use it with --calibration generated)")
-    p.add_argument("--act-order", action="store_true", help="gptq: columns in order of decreasing Hessian diagonal")
+                        "inputs; its default calibration is 'generated')")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="gptq: columns in order of decreasing Hessian diagonal (default: on)")
     p.add_argument("--damp", type=float, default=None,
                    help="gptq: diagonal damping as a fraction of the mean diagonal (default: 0.01, anyN 3.0)")
     p.add_argument("--statistic", default="abs_mean", choices=calibrate.STATISTICS,
@@ -310,7 +320,7 @@ def _describe(calibration):
     if calibration is None or isinstance(calibration, str) and calibration == "default":
         return calibration
     if isinstance(calibration, str):
-        return "generated (8 x 512 tokens)" if calibration == "generated" else f"prompt ({len(calibration)} chars)"
+        return calibration if calibration == "generated" else f"prompt ({len(calibration)} chars)"
     if isinstance(calibration, (list, tuple)):
         return f"{len(calibration)} texts"
     return "token ids"

@@ -127,3 +127,16 @@ def test_eval_on_a_text_file_is_the_mean_negative_log_likelihood(tiny, tmp_path,
     logp = jax.nn.log_softmax(np.asarray(model.apply({"params": params}, jnp.asarray(x)), np.float64), -1)
     nll = -np.take_along_axis(np.asarray(logp)[:, :-1], x[:, 1:, None], -1).mean()
     assert result["perplexity"] == pytest.approx(np.exp(nll), rel=1e-4)
+
+
+def test_quantize_method_gptq_is_one_flag(tiny, tmp_path, capsys):
+    """--method gptq: act-order on, the format's damping, generated calibration."""
+    _, _, flax_dir = tiny
+    assert cli.main(["quantize", "--model", str(flax_dir), "--out", str(tmp_path / "g"), "--format", "int4",
+                     "--group-size", "32", "--method", "gptq"]) == 0
+    recipe = read_manifest(tmp_path / "g")["quantization"]
+    assert (recipe["method"], recipe["act_order"], recipe["damp"]) == ("gptq", True, 0.01)
+    # context 256 - the longest seed ("There", 5 tokens) = 251 new tokens; rows cut to the shortest ("A": 1 + 251)
+    assert recipe["calibration"] == "generated (8 x 252 tokens)"
+    model, params, _ = load_model(tmp_path / "g")
+    assert model.apply({"params": params}, jnp.ones((1, 8), jnp.int32)).shape == (1, 8, 128)
