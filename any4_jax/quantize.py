@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from any4_jax import calibrate
 from any4_jax.gptq import default_damp, gptq_quantize
+from any4_jax.refine import DEFAULT_STEPS, refine
 from any4_jax.formats import (STORAGE_DTYPES, QuantizedWeight, check_group_size, check_storage_dtype,
                               dequantize, get_format, quantize_tensor)
 from any4_jax.layers import QuantDense, check_matmul_path, quantized_dense
@@ -42,7 +43,7 @@ class Recipe:
     argument of ``quantize_model``.
     """
 
-    VERSION: ClassVar[int] = 2  # 2 added method, act_order and damp (version 1: plain)
+    VERSION: ClassVar[int] = 3  # 2 added method, act_order and damp; 3 refine_steps
 
     fmt: str = "any4"
     group_size: int | None = 128
@@ -55,6 +56,7 @@ class Recipe:
     method: str = "plain"
     act_order: bool = False
     damp: float | None = None
+    refine_steps: int = 0
 
     def __post_init__(self):
         get_format(self.fmt)
@@ -65,6 +67,9 @@ class Recipe:
             raise ValueError(f"unknown statistic {self.statistic!r}; accepted: {', '.join(calibrate.STATISTICS)}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; accepted: {', '.join(METHODS)}")
+        if not (isinstance(self.refine_steps, (int, np.integer)) and not isinstance(self.refine_steps, bool)
+                and self.refine_steps >= 0):
+            raise ValueError(f"refine_steps must be an integer >= 0 (0: no refinement); got {self.refine_steps!r}")
 
     def to_dict(self) -> dict:
         return {"recipe_version": self.VERSION, **dataclasses.asdict(self)}
@@ -74,10 +79,12 @@ class Recipe:
         """The recipe a checkpoint recorded; a ValueError names an unknown version or field."""
         d = dict(d)
         version = d.pop("recipe_version", None)
-        if version not in (1, cls.VERSION):
-            raise ValueError(f"recipe_version {version!r} is not one this any4-jax reads (1, {cls.VERSION})")
+        if version not in (1, 2, cls.VERSION):
+            raise ValueError(f"recipe_version {version!r} is not one this any4-jax reads (1 to {cls.VERSION})")
         if version == 1:
             d.update(method="plain", act_order=False, damp=None)
+        if version in (1, 2):
+            d.update(refine_steps=0)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown, missing = sorted(set(d) - names), sorted(names - set(d))
         if unknown or missing:
@@ -175,7 +182,8 @@ def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None =
                    skip=("lm_head",), calibration="default", statistic: str = "abs_mean",
                    scale_sample_weight: bool = True, sequential: bool = False, tokenizer=None,
                    key=None, storage_dtype: str = "bfloat16", progress: bool = True, matmul: str = "auto",
-                   method: str = "plain", act_order: bool = True, damp: float | None = None, **kmeans_options):
+                   method: str = "plain", act_order: bool = True, damp: float | None = None,
+                   refine_steps: int = 0, **kmeans_options):
     """Quantize every Dense layer of ``model`` except those named in ``skip``.
 
     Returns ``(qmodel, qparams)``: ``qmodel.apply({"params": qparams}, x)`` runs
@@ -188,41 +196,45 @@ def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None =
     ``method="gptq"`` then snaps each weight to its row's table (learned or
     fixed) with GPTQ error feedback through the Hessian of the layer's inputs on
     the calibration data (``gptq.gptq_quantize``; ``act_order`` orders columns
-    by it; ``damp``, default ``gptq.default_damp(fmt)``, is its damping); its
-    ``"default"`` calibration is ``"generated"`` (one prompt is too few tokens
-    for a Hessian). ``storage_dtype`` is the dtype of the stored LUTs, scales
+    by it; ``damp``, default ``gptq.default_damp(fmt)``, is its damping).
+    ``refine_steps > 0`` then moves each weight's LUT (anyN), scales and zeros,
+    codes fixed, to lower the layer's output error on the calibration data
+    (``refine.refine``, that many Adam steps). With either, the ``"default"``
+    calibration is ``"generated"`` (one prompt is too few tokens for a
+    Hessian). ``storage_dtype`` is the dtype of the stored LUTs, scales
     and zeros; ``matmul`` the ``qmatmul`` path of the returned model. The fields become the
     model's ``Recipe``; ``kmeans_options`` go to ``quantize_tensor``.
     """
     if method == "gptq":
         damp = default_damp(fmt) if damp is None else damp
-        calibration = "generated" if isinstance(calibration, str) and calibration == "default" else calibration
     else:
         act_order, damp = False, None
-    described = _describe(calibration)
-    Recipe(fmt, group_size, storage_dtype, skip, described, statistic, scale_sample_weight, sequential, method,
-           act_order, damp)  # every argument checked before the generation below
+    recipe = Recipe(fmt, group_size, storage_dtype, skip, _describe(calibration), statistic, scale_sample_weight,
+                    sequential, method, act_order, damp, refine_steps)  # arguments checked before generating
+    needs_hessians = method == "gptq" or refine_steps > 0
+    if needs_hessians and isinstance(calibration, str) and calibration == "default":
+        calibration = "generated"
     if isinstance(calibration, str) and calibration == "generated":
         if tokenizer is None:
             raise ValueError("calibration='generated' needs the model's tokenizer (tokenizer=...)")
         calibration = calibrate.generated_ids(model, params, tokenizer)
-        described = f"generated ({calibration.shape[0]} x {calibration.shape[1]} tokens)"
-    recipe = Recipe(fmt, group_size, storage_dtype, skip, described, statistic, scale_sample_weight, sequential,
-                    method, act_order, damp)
+        recipe = dataclasses.replace(recipe, calibration=f"generated ({calibration.shape[0]} x "
+                                                         f"{calibration.shape[1]} tokens)")
     skip = recipe.skip
     key = jax.random.PRNGKey(0) if key is None else key
     inputs = calibration_inputs(calibration, tokenizer,
                                 getattr(getattr(model, "config", None), "max_position_embeddings", None))
 
-    if method == "gptq" and inputs is None:
-        raise ValueError("method='gptq' needs calibration data (got calibration=None)")
+    if needs_hessians and inputs is None:
+        raise ValueError(f"{'method=' + repr(method) if method == 'gptq' else 'refine_steps > 0'} needs calibration data "
+                         f"(got calibration=None)")
     layers = _dense_layers(params, skip)
     stats, hessians = {}, {}
     if inputs is not None:
         # One pass finds the call order and (unless sequential) every layer's statistic.
         stats = calibrate.dense_input_statistics(model, params, inputs, statistic)
         order = [p for p in stats if p in layers] + [p for p in layers if p not in stats]
-        if method == "gptq":
+        if needs_hessians:
             hessians = calibrate.dense_input_hessians(model, params, inputs)
     else:
         order = list(layers)
@@ -234,7 +246,7 @@ def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None =
         bar.set_postfix_str(path)
         if sequential and inputs is not None and i > 0:
             stats = calibrate.dense_input_statistics(model, work, inputs, statistic)
-            if method == "gptq":
+            if needs_hessians:
                 hessians = calibrate.dense_input_hessians(model, work, inputs)
         kernel = _get(params, path)["kernel"]
         w = jnp.asarray(kernel, jnp.float32).T  # Flax (K, N) -> (N, K)
@@ -246,9 +258,11 @@ def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None =
         qw = quantize_tensor(w, fmt, group_size, sample_weight=stats.get(path),
                              scale_sample_weight=scale_sample_weight, key=jax.random.fold_in(key, i),
                              storage_dtype=storage_dtype, **kmeans_options)
-        if path in hessians:
+        if method == "gptq" and path in hessians:
             qw = gptq_quantize(w, hessians[path], fmt, group_size, lut=qw.lut, act_order=act_order, damp=damp,
                                storage_dtype=storage_dtype)
+        if refine_steps and path in hessians:
+            qw = refine(qw, w, hessians[path], steps=refine_steps)
         quantized[path] = qw
         if sequential:
             _get(work, path)["kernel"] = dequantize(qw, kernel.dtype).T
@@ -285,6 +299,10 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="gptq: columns in order of decreasing Hessian diagonal (default: on)")
     p.add_argument("--damp", type=float, default=None,
                    help="gptq: diagonal damping as a fraction of the mean diagonal (default: 0.01, anyN 3.0)")
+    p.add_argument("--refine", type=int, nargs="?", const=DEFAULT_STEPS, default=0, metavar="STEPS",
+                   help="refine each layer's LUT, scales and zeros (codes fixed) on its output error over the "
+                        f"calibration data, STEPS Adam steps (--refine alone: {DEFAULT_STEPS}; default: off; its "
+                        "default calibration is 'generated')")
     p.add_argument("--statistic", default="abs_mean", choices=calibrate.STATISTICS,
                    help="per-input-channel activation statistic (default abs_mean, the paper's)")
     p.add_argument("--sequential", action="store_true",
@@ -312,7 +330,7 @@ def from_arguments(args) -> dict:
         except UnicodeDecodeError as e:
             raise ValueError(f"--calibration {cal}: not a UTF-8 text file ({e.reason} at byte {e.start})") from e
     return dict(group_size=group, calibration=cal, statistic=args.statistic, sequential=args.sequential,
-                method=args.method, act_order=args.act_order, damp=args.damp,
+                method=args.method, act_order=args.act_order, damp=args.damp, refine_steps=args.refine,
                 storage_dtype=args.storage_dtype, key=jax.random.PRNGKey(args.seed))
 
 

@@ -54,6 +54,11 @@ CONFIGS = [
                                                        calibration="generated"), True),
     ("any3 + GPTQ, generated, act-order, damp 3", dict(fmt="any3", method="gptq", act_order=True, damp=3.0,
                                                        calibration="generated"), True),
+    ("any4 + refinement (40 steps), generated", dict(fmt="any4", refine_steps=40, calibration="generated"), True),
+    ("any4 + GPTQ + refinement (40 steps), generated, act-order, damp 3",
+     dict(fmt="any4", method="gptq", act_order=True, damp=3.0, refine_steps=40, calibration="generated"), True),
+    ("any3 + GPTQ + refinement (40 steps), generated, act-order, damp 3",
+     dict(fmt="any3", method="gptq", act_order=True, damp=3.0, refine_steps=40, calibration="generated"), True),
     ("int2", dict(fmt="int2", calibration=None), False),
     ("any2, calibrated x scale", dict(fmt="any2"), False),
 ]
@@ -96,7 +101,8 @@ def main():
         "All linear layers but the tied lm_head are quantized; calibration is the built-in one-prompt text, "
         "or, in rows that say 'generated', 8 x 512 tokens the float model writes itself from one-word seeds "
         "(`calibration=\"generated\"`: no overlap with either text; its generation time is part of 'quantize s'). "
-        "GPTQ rows: `method=\"gptq\"` (error feedback through each layer's input Hessian). "
+        "GPTQ rows: `method=\"gptq\"` (error feedback through each layer's input Hessian); refinement rows: "
+        "`refine_steps=40` (LUT, scales and zeros moved by Adam to lower each layer's output error, codes fixed). "
         "LUTs, scales and zeros are stored as bfloat16 (the default) unless a row says float32.",
         "",
         "**SmolLM2's released weights are already 4-bit** (llama.cpp Q4_1, blocks of 32): the 'float' row is",

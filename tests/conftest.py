@@ -44,6 +44,18 @@ def dequantize_by_hand(qw) -> np.ndarray:
     return np.take_along_axis(f64(qw.lut), full, axis=1) * f64(qw.scales)[:, group] + f64(qw.zeros)[:, group]
 
 
+def correlated_inputs(rng, t, k):
+    """Inputs with correlated channels of very different scales (as LLM activations)."""
+    mix = rng.standard_normal((k, k)) * 0.3 + np.eye(k)
+    return (rng.standard_normal((t, k)) @ mix * np.abs(rng.standard_t(3, k))).astype(np.float32)
+
+
+def output_error(w, qw, h) -> float:
+    """``tr((W - Ŵ) H (W - Ŵ)ᵀ)`` in float64, Ŵ decoded by hand (``dequantize_by_hand``)."""
+    d = dequantize_by_hand(qw) - np.asarray(w, np.float64)
+    return float(np.einsum("nk,kl,nl->", d, np.asarray(h, np.float64), d))
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

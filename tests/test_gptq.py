@@ -6,22 +6,11 @@ import functools
 import numpy as np
 import pytest
 
-from any4_jax import dequantize, load_model, quantize_tensor
+from any4_jax import load_model, quantize_tensor
 from any4_jax.calibrate import dense_input_hessians, generated_ids
 from any4_jax.gptq import gptq_quantize
 from any4_jax.quantize import quantize_model
-from conftest import codes_by_hand
-
-
-def correlated_inputs(rng, t, k):
-    """Inputs with correlated channels of very different scales (as LLM activations)."""
-    mix = rng.standard_normal((k, k)) * 0.3 + np.eye(k)
-    return (rng.standard_normal((t, k)) @ mix * np.abs(rng.standard_t(3, k))).astype(np.float32)
-
-
-def output_error(w, qw, h):
-    d = np.asarray(dequantize(qw), np.float64) - w
-    return float(np.einsum("nk,kl,nl->", d, h.astype(np.float64), d))
+from conftest import codes_by_hand, correlated_inputs, output_error
 
 
 def gptq_int_reference(w, h, g, bits=4, damp=0.01, act_order=False):

@@ -262,7 +262,7 @@ def test_manifest_records_a_versioned_recipe(saved_int4):
     manifest = json.loads((d / "manifest.json").read_text())
     assert manifest["format_version"] == 3
     q = manifest["quantization"]
-    assert q["recipe_version"] == 2 and q["method"] == "plain" and q["fmt"] == "int4" and q["storage_dtype"] == "bfloat16"
+    assert q["recipe_version"] == 3 and q["method"] == "plain" and q["fmt"] == "int4" and q["storage_dtype"] == "bfloat16"
     model, params, _ = load_model(d)
     qws = quantized_weights(params)
     stored_bits = sum(8 * q.codes.size + 16 * (q.lut.size + q.scales.size + q.zeros.size) for q in qws)
