@@ -198,6 +198,20 @@ def quantize_tensor(w, fmt: str = "any4", group_size: int | None = 128, *,
     return assemble(w, codes.reshape(n, -1)[:, :k], lut, scales, zeros, fmt, g, storage_dtype)
 
 
+def round_to_nearest(w, fmt: str, group_size: int):
+    """``dequantize(quantize_tensor(w, fmt, group_size))`` for the fixed formats
+    (int and table), in float32 metadata and traceable under ``jax.jit``: what
+    searches over many candidate weights (AWQ) compare."""
+    spec = get_format(fmt)
+    if spec.kind == "learned":
+        raise ValueError(f"round_to_nearest takes a fixed format (int or table); {fmt} learns its table")
+    n, k = w.shape
+    wg = _to_groups(w.astype(jnp.float32), group_size, mode="edge")
+    lut, codes, scales, zeros = _quantize_int(wg, spec.bits) if spec.kind == "int" else _quantize_table(wg, fmt)
+    values = jnp.take_along_axis(lut, codes.reshape(n, -1).astype(jnp.int32), axis=1).reshape(wg.shape)
+    return (values * scales[..., None] + zeros[..., None]).reshape(n, -1)[:, :k]
+
+
 def assemble(w, codes, lut, scales, zeros, fmt: str, group_size: int, storage_dtype) -> QuantizedWeight:
     """The ``QuantizedWeight`` of ``w (N, K)`` from ``(N, K)`` codes and float32
     metadata, rounded to ``storage_dtype`` (a ValueError if it cannot hold them)."""

@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from any4_jax import calibrate
+from any4_jax.awq import awq
 from any4_jax.gptq import default_damp, gptq_quantize
 from any4_jax.refine import DEFAULT_STEPS, refine
 from any4_jax.formats import (STORAGE_DTYPES, QuantizedWeight, check_group_size, check_storage_dtype,
@@ -30,7 +31,7 @@ from any4_jax.layers import QuantDense, check_matmul_path, quantized_dense
 from any4_jax.models import float_dense
 
 
-METHODS = ("plain", "gptq")  # docs/design.md §9
+METHODS = ("plain", "gptq", "awq")  # docs/design.md §9, §10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +68,12 @@ class Recipe:
             raise ValueError(f"unknown statistic {self.statistic!r}; accepted: {', '.join(calibrate.STATISTICS)}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; accepted: {', '.join(METHODS)}")
+        if self.method == "awq" and get_format(self.fmt).kind == "learned":
+            raise ValueError(f"method='awq' takes a fixed format (int4, int3, int2, nf4, fp4); got {self.fmt!r} "
+                             f"(for anyN use 'plain' or 'gptq')")
+        if self.method == "awq" and self.sequential:
+            raise ValueError("method='awq' is not sequential (its scaling keeps the float model's function); "
+                             "drop sequential=True")
         if not (isinstance(self.refine_steps, (int, np.integer)) and not isinstance(self.refine_steps, bool)
                 and self.refine_steps >= 0):
             raise ValueError(f"refine_steps must be an integer >= 0 (0: no refinement); got {self.refine_steps!r}")
@@ -197,6 +204,10 @@ def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None =
     fixed) with GPTQ error feedback through the Hessian of the layer's inputs on
     the calibration data (``gptq.gptq_quantize``; ``act_order`` orders columns
     by it; ``damp``, default ``gptq.default_damp(fmt)``, is its damping).
+    ``method="awq"`` (fixed formats) first scales each layer's input channels
+    by its activations and folds the inverse into the op before it, then clips
+    each group's range, both searched to lower the layer's output error on the
+    calibration data (``awq.awq``); round-to-nearest then quantizes.
     ``refine_steps > 0`` then moves each weight's LUT (anyN), scales and zeros,
     codes fixed, to lower the layer's output error on the calibration data
     (``refine.refine``, that many Adam steps). With either, the ``"default"``
@@ -211,7 +222,7 @@ def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None =
         act_order, damp = False, None
     recipe = Recipe(fmt, group_size, storage_dtype, skip, _describe(calibration), statistic, scale_sample_weight,
                     sequential, method, act_order, damp, refine_steps)  # arguments checked before generating
-    needs_hessians = method == "gptq" or refine_steps > 0
+    needs_hessians = method in ("gptq", "awq") or refine_steps > 0
     if needs_hessians and isinstance(calibration, str) and calibration == "default":
         calibration = "generated"
     if isinstance(calibration, str) and calibration == "generated":
@@ -226,7 +237,7 @@ def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None =
                                 getattr(getattr(model, "config", None), "max_position_embeddings", None))
 
     if needs_hessians and inputs is None:
-        raise ValueError(f"{'method=' + repr(method) if method == 'gptq' else 'refine_steps > 0'} needs calibration data "
+        raise ValueError(f"{'method=' + repr(method) if method != 'plain' else 'refine_steps > 0'} needs calibration data "
                          f"(got calibration=None)")
     layers = _dense_layers(params, skip)
     stats, hessians = {}, {}
@@ -236,6 +247,10 @@ def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None =
         order = [p for p in stats if p in layers] + [p for p in layers if p not in stats]
         if needs_hessians:
             hessians = calibrate.dense_input_hessians(model, params, inputs)
+        if method == "awq":  # scaled and clipped float weights, then round-to-nearest below
+            mean_abs = calibrate.dense_input_statistics(model, params, inputs, "mean_abs")
+            params, hessians = awq(getattr(model, "config", None), params, hessians, mean_abs, fmt, group_size,
+                                   progress=progress)
     else:
         order = list(layers)
 
@@ -293,8 +308,9 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="'default' (the built-in one-prompt calibration), 'generated' (8 x 512 tokens the "
                         "float model writes from one-word seeds), a text FILE, or 'none'")
     p.add_argument("--method", default="plain", choices=METHODS,
-                   help="plain (the paper's) or gptq (error feedback through the Hessian of each layer's "
-                        "inputs; its default calibration is 'generated')")
+                   help="plain (the paper's), gptq (error feedback through the Hessian of each layer's "
+                        "inputs) or awq (fixed formats: activation-aware scaling and clipping); gptq and awq "
+                        "default to the 'generated' calibration")
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                    help="gptq: columns in order of decreasing Hessian diagonal (default: on)")
     p.add_argument("--damp", type=float, default=None,

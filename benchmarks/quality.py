@@ -54,6 +54,7 @@ CONFIGS = [
                                                        calibration="generated"), True),
     ("any3 + GPTQ, generated, act-order, damp 3", dict(fmt="any3", method="gptq", act_order=True, damp=3.0,
                                                        calibration="generated"), True),
+    ("AWQ-int4, generated", dict(fmt="int4", method="awq", calibration="generated"), True),
     ("any4 + refinement (40 steps), generated", dict(fmt="any4", refine_steps=40, calibration="generated"), True),
     ("any4 + GPTQ + refinement (40 steps), generated, act-order, damp 3",
      dict(fmt="any4", method="gptq", act_order=True, damp=3.0, refine_steps=40, calibration="generated"), True),
@@ -102,7 +103,8 @@ def main():
         "or, in rows that say 'generated', 8 x 512 tokens the float model writes itself from one-word seeds "
         "(`calibration=\"generated\"`: no overlap with either text; its generation time is part of 'quantize s'). "
         "GPTQ rows: `method=\"gptq\"` (error feedback through each layer's input Hessian); refinement rows: "
-        "`refine_steps=40` (LUT, scales and zeros moved by Adam to lower each layer's output error, codes fixed). "
+        "`refine_steps=40` (LUT, scales and zeros moved by Adam to lower each layer's output error, codes fixed); "
+        "AWQ rows: `method=\"awq\"` (activation-aware input-channel scaling folded into the op before, and clipping). "
         "LUTs, scales and zeros are stored as bfloat16 (the default) unless a row says float32.",
         "",
         "**SmolLM2's released weights are already 4-bit** (llama.cpp Q4_1, blocks of 32): the 'float' row is",

@@ -15,6 +15,7 @@ ARCHS = {
                           original_max_position_embeddings=64))),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=8)),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
+    "qwen2_mha": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(num_key_value_heads=4)),
     "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,
                 dict(num_local_experts=4, num_experts_per_tok=2)),
 }
@@ -23,7 +24,7 @@ ARCHS = {
 def make_hf_model(arch, seed=0):
     config_cls, model_cls, extra = ARCHS[arch]
     torch.manual_seed(seed)
-    model = model_cls(config_cls(**COMMON, **extra)).eval()
+    model = model_cls(config_cls(**{**COMMON, **extra})).eval()
     with torch.no_grad():  # non-trivial norms and biases, so a mix-up shows
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
