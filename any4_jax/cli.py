@@ -213,7 +213,17 @@ def main(argv=None):
         # Without accelerators, let jax see this many CPU devices (read when its backend starts).
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.devices}").strip()
+    enable_compilation_cache()
     return run_command(lambda: args.func(args, []), args.debug)
+
+
+def enable_compilation_cache():
+    """Keep jax's compiled programs in the project's cache folder, so a second
+    ``any4`` run skips compiling k-means, the forward passes and the decode loop
+    (unless the user chose a cache folder of their own, JAX_COMPILATION_CACHE_DIR)."""
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(assets.cache_dir() / "xla"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 if __name__ == "__main__":
