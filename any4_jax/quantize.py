@@ -254,6 +254,7 @@ def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None =
     else:
         order = list(layers)
 
+    learned = get_format(fmt).kind == "learned"
     work = jax.tree_util.tree_map(lambda x: x, params)  # float params, updated in place when sequential
     quantized = {}
     bar = tqdm(order, desc=f"quantizing {fmt}", unit="layer", disable=not progress)
@@ -270,12 +271,14 @@ def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None =
             raise ValueError(f"the calibration {statistic} of {path}'s input has {bad} non-finite value(s): the "
                              f"model's activations overflow or are NaN on the calibration input (check the float "
                              f"model's perplexity, or pass calibration=None)")
-        qw = quantize_tensor(w, fmt, group_size, sample_weight=stats.get(path),
-                             scale_sample_weight=scale_sample_weight, key=jax.random.fold_in(key, i),
-                             storage_dtype=storage_dtype, **kmeans_options)
-        if method == "gptq" and path in hessians:
-            qw = gptq_quantize(w, hessians[path], fmt, group_size, lut=qw.lut, act_order=act_order, damp=damp,
-                               storage_dtype=storage_dtype)
+        fit = lambda: quantize_tensor(w, fmt, group_size, sample_weight=stats.get(path),
+                                      scale_sample_weight=scale_sample_weight, key=jax.random.fold_in(key, i),
+                                      storage_dtype=storage_dtype, **kmeans_options)
+        if method == "gptq" and path in hessians:  # anyN's LUT is fitted first; fixed tables need nothing
+            qw = gptq_quantize(w, hessians[path], fmt, group_size, lut=fit().lut if learned else None,
+                               act_order=act_order, damp=damp, storage_dtype=storage_dtype)
+        else:
+            qw = fit()
         if refine_steps and path in hessians:
             qw = refine(qw, w, hessians[path], steps=refine_steps)
         quantized[path] = qw
