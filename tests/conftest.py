@@ -56,6 +56,20 @@ def output_error(w, qw, h) -> float:
     return float(np.einsum("nk,kl,nl->", d, np.asarray(h, np.float64), d))
 
 
+def layer_errors(params, base, other, hessians) -> dict:
+    """``{layer path: (error of base, error of other)}`` (``output_error``) for each
+    quantized layer of two quantizations of ``params`` with input Hessians ``hessians``."""
+    import functools
+    out = {}
+    for path, h in hessians.items():
+        if path == "lm_head":
+            continue
+        get = lambda tree: functools.reduce(lambda t, key: t[key], path.split("/"), tree)["kernel"]
+        w = np.asarray(get(params)).T
+        out[path] = (output_error(w, get(base), h), output_error(w, get(other), h))
+    return out
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -17,7 +17,7 @@ import torch
 from any4_jax import cli, load_model
 from any4_jax.checkpoint import read_manifest
 from any4_jax.generation import generate
-from any4_jax.quantize import quantize_model, quantized_weights
+from any4_jax.quantize import from_arguments, quantize_model, quantized_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIBRATION = "The cat sat on the mat. 12 + 30 = 42.\ndef f(x):\n    return x * 2\n"
@@ -140,3 +140,14 @@ def test_quantize_method_gptq_is_one_flag(tiny, tmp_path, capsys):
     assert recipe["calibration"] == "generated (8 x 252 tokens)"
     model, params, _ = load_model(tmp_path / "g")
     assert model.apply({"params": params}, jnp.ones((1, 8), jnp.int32)).shape == (1, 8, 128)
+
+
+def test_quantize_awq_with_refinement(tiny, tmp_path):
+    """--method awq --refine 5: the recipe records both; a bare --refine is 40 steps."""
+    _, _, flax_dir = tiny
+    assert cli.main(["quantize", "--model", str(flax_dir), "--out", str(tmp_path / "a"), "--format", "int4",
+                     "--group-size", "32", "--method", "awq", "--refine", "5"]) == 0
+    recipe = read_manifest(tmp_path / "a")["quantization"]
+    assert (recipe["method"], recipe["refine_steps"], recipe["calibration"]) == ("awq", 5, "generated (8 x 252 tokens)")
+    args = cli.build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--refine"])
+    assert from_arguments(args)["refine_steps"] == 40
