@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from any4_jax import calibrate
-from any4_jax.awq import awq
+from any4_jax.awq import awq, scale_groups
 from any4_jax.gptq import default_damp, gptq_quantize
 from any4_jax.refine import DEFAULT_STEPS, refine
 from any4_jax.formats import (STORAGE_DTYPES, QuantizedWeight, check_group_size, check_storage_dtype,
@@ -223,6 +223,8 @@ def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None =
     recipe = Recipe(fmt, group_size, storage_dtype, skip, _describe(calibration), statistic, scale_sample_weight,
                     sequential, method, act_order, damp, refine_steps)  # arguments checked before generating
     needs_hessians = method in ("gptq", "awq") or refine_steps > 0
+    if method == "awq":  # a model AWQ cannot fold into is refused before any work
+        scale_groups(getattr(model, "config", None), ())
     if needs_hessians and isinstance(calibration, str) and calibration == "default":
         calibration = "generated"
     if isinstance(calibration, str) and calibration == "generated":
@@ -249,8 +251,8 @@ def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None =
             hessians = calibrate.dense_input_hessians(model, params, inputs)
         if method == "awq":  # scaled and clipped float weights, then round-to-nearest below
             mean_abs = calibrate.dense_input_statistics(model, params, inputs, "mean_abs")
-            params, hessians = awq(getattr(model, "config", None), params, hessians, mean_abs, fmt, group_size,
-                                   progress=progress)
+            params, hessians = awq(model.config, params, {p: h for p, h in hessians.items() if p in layers},
+                                   mean_abs, fmt, group_size, progress=progress)
     else:
         order = list(layers)
 

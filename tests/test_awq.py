@@ -144,6 +144,7 @@ def test_quantize_model_awq_is_round_to_nearest_of_the_awq_weights(tiny_model):
     qmodel, qparams = quantize_model(model, params, fmt="int4", method="awq", group_size=G, calibration=IDS,
                                      storage_dtype="float32", progress=False)
     assert qmodel.dense.recipe.method == "awq"
+    np.testing.assert_array_equal(np.asarray(qparams["lm_head"]["kernel"]), np.asarray(params["lm_head"]["kernel"]))
     from conftest import dequantize_by_hand
     for path in h:
         want = rtn_int4(np.asarray(get(final, path)["kernel"], np.float64).T, G)
