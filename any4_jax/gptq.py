@@ -123,14 +123,15 @@ def _gptq(w, h, table, *, g, kind, bits, damp, act_order, dtype):
     def column(i, state, start):
         w1, codes, s, z, u1 = state
         j = start + i
-        if not static:  # a group's scale and zero when the loop reaches it
-            first = (j % g) == 0
-            cols = jax.lax.dynamic_slice_in_dim(w1, (i // g) * g, g, axis=1)
-            ok = jax.lax.dynamic_slice_in_dim(col_valid, j - j % g, g)
-            sn, zn = group_parameters(cols, ok, kind, bits)
-            sn, zn = sn.astype(dtype).astype(jnp.float32), zn.astype(dtype).astype(jnp.float32)
-            s = jnp.where(first, s.at[:, j // g].set(sn), s)
-            z = jnp.where(first, z.at[:, j // g].set(zn), z)
+        if not static:  # a group's scale and zero when the loop reaches its first column
+            def new_group(sz):
+                cols = jax.lax.dynamic_slice_in_dim(w1, (i // g) * g, g, axis=1)
+                ok = jax.lax.dynamic_slice_in_dim(col_valid, j, g)
+                sn, zn = group_parameters(cols, ok, kind, bits)
+                return (sz[0].at[:, j // g].set(sn.astype(dtype).astype(jnp.float32)),
+                        sz[1].at[:, j // g].set(zn.astype(dtype).astype(jnp.float32)))
+
+            s, z = jax.lax.cond(j % g == 0, new_group, lambda sz: sz, (s, z))
         sc, ze = s[:, col_group[j]], z[:, col_group[j]]
         x = w1[:, i]
         target = (x - ze) / jnp.where(sc > 0, sc, 1.0)
