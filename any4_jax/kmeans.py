@@ -283,3 +283,74 @@ def _kmeans_plus_plus(points, pw, key, n_clusters):
 
     centers, _ = jax.lax.fori_loop(1, n_clusters, step, (centers, d2))
     return centers
+
+
+# ---------------------------------------------------------------------------
+# The exact optimum, as a yardstick for Lloyd (benchmarks/kmeans_bench.py).
+
+@functools.partial(jax.jit, static_argnames="n_bins")
+def histogram_points(x, w, n_bins: int = _DEFAULT_N_BINS):
+    """Each row of ``x (R, K)`` as the solver sees it: ``(points, weights)``,
+    ``(R, n_bins)``, the weighted means and total weights of its histogram bins."""
+    return jax.vmap(lambda a, b: _summarise(a, b, n_bins))(x, w)
+
+
+def exact_kmeans_1d(points, weights, n_clusters: int):
+    """The exact weighted k-means of each row of sorted 1-D ``points`` (float64 numpy).
+
+    In one dimension an optimal clustering splits the sorted points into
+    contiguous runs, so dynamic programming over the split points finds it:
+    ``D[j, i]`` (the least cost of the first ``i`` points in ``j`` clusters) is
+    ``min_m D[j-1, m] + cost(m, i)``, with ``cost`` from prefix sums. Dense, this
+    is O(n_clusters · B²) a row for B points (divide and conquer over the
+    monotone split points would make it O(n_clusters · B log B), still far more
+    work than Lloyd's few binary searches an iteration): a reference for
+    histograms (``B`` = the bins), not a solver for whole models.
+
+    Args:
+      points: ``(R, B)`` ascending per row. weights: ``(R, B)`` non-negative.
+    Returns:
+      ``(centroids (R, n_clusters) ascending, objective (R,))``; a cluster left
+      empty (fewer distinct points than clusters) repeats its neighbour.
+    """
+    p, w = np.asarray(points, np.float64), np.asarray(weights, np.float64)
+    if p.ndim != 2 or p.shape != w.shape:
+        raise ValueError(f"points and weights must be equal (R, B) arrays; got {p.shape} and {w.shape}")
+    block = 8  # rows at a time: the cost matrices take 8 (B+1)² bytes a row
+    if p.shape[0] > block:
+        parts = [_exact_rows(p[i:i + block], w[i:i + block], n_clusters) for i in range(0, p.shape[0], block)]
+        return np.concatenate([c for c, _ in parts]), np.concatenate([o for _, o in parts])
+    return _exact_rows(p, w, n_clusters)
+
+
+def _exact_rows(p, w, n_clusters):
+    r, b = p.shape
+    points = p
+    p = p - (w * p).sum(1, keepdims=True) / np.maximum(w.sum(1, keepdims=True), 1e-300)  # centred: exact sums
+    zero = np.zeros((r, 1))
+    cw, cx, cxx = (np.concatenate([zero, np.cumsum(a, axis=1)], axis=1) for a in (w, w * p, w * p * p))
+    sw = cw[:, None, :] - cw[:, :, None]  # [m, i]: points m .. i-1
+    sx = cx[:, None, :] - cx[:, :, None]
+    cost = cxx[:, None, :] - cxx[:, :, None] - sx ** 2 / np.where(sw > 0, sw, 1.0)
+    upper = np.triu(np.ones((b + 1, b + 1), bool))  # m <= i; m == i is an empty cluster
+    cost = np.where(upper, np.maximum(cost, 0.0), np.inf)
+    best, splits = cost[:, 0, :], []  # one cluster over the first i points
+    for _ in range(n_clusters - 1):
+        total = best[:, :, None] + cost
+        splits.append(total.argmin(axis=1))
+        best = np.take_along_axis(total, splits[-1][:, None, :], axis=1)[:, 0, :]
+    # Walk the split points back from i = B.
+    bounds = np.zeros((r, n_clusters + 1), np.int64)
+    bounds[:, -1] = b
+    for j in range(n_clusters - 1, 0, -1):
+        bounds[:, j] = np.take_along_axis(splits[j - 1], bounds[:, j + 1:j + 2], axis=1)[:, 0]
+    rows = np.arange(r)[:, None]
+    sw = cw[rows, bounds[:, 1:]] - cw[rows, bounds[:, :-1]]
+    sx = cx[rows, bounds[:, 1:]] - cx[rows, bounds[:, :-1]]
+    offset = points - p  # undo the centring
+    means = np.where(sw > 0, sx / np.where(sw > 0, sw, 1.0), np.nan) + offset[:, :1]
+    for j in range(1, n_clusters):  # empty clusters: repeat the one before
+        means[:, j] = np.where(np.isnan(means[:, j]), means[:, j - 1], means[:, j])
+    for j in range(n_clusters - 2, -1, -1):
+        means[:, j] = np.where(np.isnan(means[:, j]), means[:, j + 1], means[:, j])
+    return means, best[:, -1]
