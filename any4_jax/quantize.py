@@ -32,6 +32,8 @@ from any4_jax.models import float_dense
 
 
 METHODS = ("plain", "gptq", "awq")  # docs/design.md §9, §10
+# One name for the best any4 recipe (README's quality table): GPTQ, then refinement.
+PRESETS = {"gptq-refine": dict(method="gptq", refine_steps=DEFAULT_STEPS)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +217,14 @@ def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None =
     Hessian). ``storage_dtype`` is the dtype of the stored LUTs, scales
     and zeros; ``matmul`` the ``qmatmul`` path of the returned model. The fields become the
     model's ``Recipe``; ``kmeans_options`` go to ``quantize_tensor``.
+    ``method="gptq-refine"`` is ``method="gptq"`` with ``refine_steps=40``
+    (unless given): the best any4 method measured here, under one name.
     """
+    if method in PRESETS:
+        preset = PRESETS[method]
+        method, refine_steps = preset["method"], refine_steps or preset["refine_steps"]
+    elif method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; accepted: {', '.join(METHODS + tuple(PRESETS))}")
     if method == "gptq":
         damp = default_damp(fmt) if damp is None else damp
     else:
@@ -312,9 +321,10 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--calibration", default="default",
                    help="'default' (the built-in one-prompt calibration), 'generated' (8 x 512 tokens the "
                         "float model writes from one-word seeds), a text FILE, or 'none'")
-    p.add_argument("--method", default="plain", choices=METHODS,
+    p.add_argument("--method", default="plain", choices=METHODS + tuple(PRESETS),
                    help="plain (the paper's), gptq (error feedback through the Hessian of each layer's "
-                        "inputs) or awq (fixed formats: activation-aware scaling and clipping); gptq and awq "
+                        "inputs), awq (fixed formats: activation-aware scaling and clipping) or gptq-refine "
+                        f"(gptq, then --refine {DEFAULT_STEPS}: the best any4 here, slowest); all but plain "
                         "default to the 'generated' calibration")
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                    help="gptq: columns in order of decreasing Hessian diagonal (default: on)")

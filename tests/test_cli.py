@@ -151,3 +151,5 @@ def test_quantize_awq_with_refinement(tiny, tmp_path):
     assert (recipe["method"], recipe["refine_steps"], recipe["calibration"]) == ("awq", 5, "generated (8 x 252 tokens)")
     args = cli.build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--refine"])
     assert from_arguments(args)["refine_steps"] == 40
+    args = cli.build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--method", "gptq-refine"])
+    assert (from_arguments(args)["method"], from_arguments(args)["refine_steps"]) == ("gptq-refine", 0)

@@ -109,6 +109,25 @@ def test_quantize_model_refine_lowers_every_layers_output_error(tiny_model):
         quantize_model(model, params, refine_steps=-1, calibration="generated", progress=False)
 
 
+def test_gptq_refine_is_gptq_then_refinement_under_one_name(tiny_model):
+    """method="gptq-refine": the recipe is GPTQ's (act-order, any4's damping) with 40
+    refinement steps, and no layer's output error is above GPTQ's alone."""
+    _, flax_dir = tiny_model("llama")
+    model, params, _ = load_model(flax_dir)
+    ids = np.random.default_rng(5).integers(0, 128, size=(4, 64)).astype(np.int32)
+    h = dense_input_hessians(model, params, ids)
+    kw = dict(fmt="any4", group_size=32, calibration=ids, progress=False)
+    _, gptq = quantize_model(model, params, method="gptq", **kw)
+    best_model, best = quantize_model(model, params, method="gptq-refine", **kw)
+    r = best_model.dense.recipe
+    assert (r.method, r.refine_steps, r.act_order, r.damp) == ("gptq", 40, True, 3.0)
+    errors = layer_errors(params, gptq, best, h)
+    assert all(e_best <= e_gptq * (1 + 1e-5) for e_gptq, e_best in errors.values()), errors
+    assert sum(e_best < 0.95 * e_gptq for e_gptq, e_best in errors.values()) >= 7  # of 14 layers
+    with pytest.raises(ValueError, match="accepted: plain, gptq, awq, gptq-refine"):
+        quantize_model(model, params, method="best", **kw)
+
+
 def test_recipes_before_version_3_load_without_refinement():
     d = Recipe(fmt="int4").to_dict()
     assert d["recipe_version"] == 3 and d["refine_steps"] == 0
