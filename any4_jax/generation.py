@@ -28,6 +28,11 @@ from any4_jax.models import init_cache
 
 CACHE_BUCKET = 256
 DECODE_CHUNK = 16  # decode steps per device loop (and per ``stream`` delivery)
+# top-p sorts only this many of the most likely tokens unless the nucleus is
+# larger: on a 2-core CPU a full sort of 8 rows of 49152 logits takes ~90 ms,
+# top_k(4096) 11 ms, and SmolLM2's nucleus (T = 1, p = 0.95) is wider than
+# 4096 tokens for 0.6% of the tokens it writes (1024: 19%).
+NUCLEUS_CANDIDATES = 4096
 
 
 def _bucket(n: int, minimum: int = 16) -> int:
@@ -68,15 +73,31 @@ def _sample(logits, key, *, temperature, top_k, top_p):
     if top_k is not None:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p is not None:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        # keep a token if the mass before it is < top_p (the first one always stays)
-        keep_sorted = jnp.cumsum(probs, axis=-1) - probs < top_p
-        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
-        logits = jnp.where(keep, logits, -jnp.inf)
+    if top_p is not None and top_p < 1.0:
+        logits = jnp.where(nucleus_mask(logits, top_p), logits, -jnp.inf)
     return jax.random.categorical(key, logits, axis=-1)
+
+
+def nucleus_mask(logits, top_p: float):
+    """The top-p nucleus of softmax(logits) ``(B, V)``: a token stays if the
+    probability mass of the tokens before it (by decreasing logit, ties by
+    index) is < top_p, so the first always stays. Only the ``NUCLEUS_CANDIDATES``
+    most likely tokens are sorted, all of them when the nucleus is larger."""
+    keep, beyond = _nucleus(logits, top_p, min(NUCLEUS_CANDIDATES, logits.shape[-1]))
+    return jax.lax.cond(beyond, lambda: _nucleus(logits, top_p, logits.shape[-1])[0], lambda: keep)
+
+
+def _nucleus(logits, top_p, k):
+    """``nucleus_mask`` among the ``k`` most likely tokens, and whether it may reach beyond them."""
+    _, order = jax.lax.top_k(logits, k)
+    # Values gathered by index: computing on top_k's own values output makes
+    # XLA's CPU backend sort instead (measured: 78 ms against 11 ms for k = 4096).
+    top = jnp.take_along_axis(logits, order, axis=-1)
+    m = top[:, :1]
+    probs = jnp.exp(top - m) / jnp.sum(jnp.exp(logits - m), axis=-1, keepdims=True)
+    keep_sorted = jnp.cumsum(probs, axis=-1) - probs < top_p
+    keep = jnp.zeros(logits.shape, bool).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    return keep, jnp.any(keep_sorted[:, -1]) & (k < logits.shape[-1])
 
 
 def sample(logits, key, *, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None):

@@ -142,6 +142,20 @@ def test_sampling_is_seeded_and_respects_top_k():
     assert set(c.tolist()) == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: the nucleus is {0, 1}
 
 
+@pytest.mark.parametrize("spread", [0.2, 20.0])  # a nucleus of ~10 tokens; one beyond the 1024 sorted first
+def test_nucleus_mask_matches_a_full_sort(rng, spread):
+    logits = (rng.standard_normal((4, 6000)) * 3 / spread).astype(np.float32)
+    logits[0, :5] = logits[0, 5]  # ties go by index
+    keep = np.asarray(gen.nucleus_mask(jnp.asarray(logits), 0.9))
+    order = np.argsort(-logits, axis=1, kind="stable")
+    p = np.exp(logits.astype(np.float64) - logits.max(1, keepdims=True))
+    p = np.take_along_axis(p / p.sum(1, keepdims=True), order, 1)
+    expected = np.zeros_like(keep)
+    np.put_along_axis(expected, order, np.cumsum(p, 1) - p < 0.9, 1)
+    np.testing.assert_array_equal(keep, expected)
+    assert (expected.sum(1) > gen.NUCLEUS_CANDIDATES).all() == (spread > 1)  # both paths are taken
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(prompts=[""]), "empty"),
     (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
