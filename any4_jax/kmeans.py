@@ -118,8 +118,11 @@ def weighted_kmeans_1d(
     # thread per core, the first alone so that it compiles once. Chunks are
     # independent: the result does not change.
     results = [run(starts[0])] if starts else []
-    with ThreadPoolExecutor(_workers(mesh)) as pool:
+    pool = ThreadPoolExecutor(_workers(mesh))
+    try:
         results += pool.map(run, starts[1:])
+    finally:  # an interrupt: the chunks not yet started never start
+        pool.shutdown(cancel_futures=True)
     centroids, labels = [c for c, _ in results], [l for _, l in results]
     if not centroids:
         return jnp.zeros((0, n_clusters), jnp.float32), jnp.zeros(x.shape, jnp.uint8)

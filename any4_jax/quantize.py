@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -267,14 +268,7 @@ def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None =
 
     learned = get_format(fmt).kind == "learned"
     work = jax.tree_util.tree_map(lambda x: x, params)  # float params, updated in place when sequential
-    quantized = {}
-    bar = tqdm(order, desc=f"quantizing {fmt}", unit="layer", disable=not progress)
-    for i, path in enumerate(bar):
-        bar.set_postfix_str(path)
-        if sequential and inputs is not None and i > 0:
-            stats = calibrate.dense_input_statistics(model, work, inputs, statistic)
-            if needs_hessians:
-                hessians = calibrate.dense_input_hessians(model, work, inputs)
+    def quantize_layer(i, path):
         kernel = _get(params, path)["kernel"]
         w = jnp.asarray(kernel, jnp.float32).T  # Flax (K, N) -> (N, K)
         bad = 0 if path not in stats else int((~np.isfinite(stats[path])).sum())
@@ -292,9 +286,28 @@ def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None =
             qw = fit()
         if refine_steps and path in hessians:
             qw = refine(qw, w, hessians[path], steps=refine_steps)
-        quantized[path] = qw
-        if sequential:
-            _get(work, path)["kernel"] = dequantize(qw, kernel.dtype).T
+        return qw
+
+    quantized = {}
+    bar = tqdm(order, desc=f"quantizing {fmt}", unit="layer", disable=not progress)
+    if sequential:  # each layer sees the model with the layers before it quantized
+        for i, path in enumerate(bar):
+            bar.set_postfix_str(path)
+            if inputs is not None and i > 0:
+                stats = calibrate.dense_input_statistics(model, work, inputs, statistic)
+                if needs_hessians:
+                    hessians = calibrate.dense_input_hessians(model, work, inputs)
+            quantized[path] = quantize_layer(i, path)
+            kernel = _get(params, path)["kernel"]
+            _get(work, path)["kernel"] = dequantize(quantized[path], kernel.dtype).T
+    else:  # independent layers, two at a time (much of a layer's work leaves a core idle)
+        pool = ThreadPoolExecutor(2)
+        try:
+            for path, qw in zip(bar, pool.map(quantize_layer, range(len(order)), order)):
+                bar.set_postfix_str(path)
+                quantized[path] = qw
+        finally:  # an error or an interrupt: the layers not yet started never start
+            pool.shutdown(cancel_futures=True)
     qparams = jax.tree_util.tree_map(lambda x: x, params)
     for path, qw in quantized.items():
         _get(qparams, path)["kernel"] = qw
