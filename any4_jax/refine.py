@@ -51,9 +51,9 @@ def refine(qw: QuantizedWeight, w, hessian, *, steps: int = DEFAULT_STEPS,
     if not (np.isfinite(learning_rate) and learning_rate > 0):
         raise ValueError(f"learning_rate must be a finite number > 0; got {learning_rate!r}")
     w = jnp.asarray(w, jnp.float32)
-    n, k = w.shape if w.ndim == 2 else (None, None)
-    if w.ndim != 2 or tuple(w.shape) != tuple(qw.shape):
+    if tuple(w.shape) != tuple(qw.shape):
         raise ValueError(f"w must have the quantized weight's shape {tuple(qw.shape)}; got {tuple(w.shape)}")
+    n, k = w.shape
     h = jnp.asarray(hessian, jnp.float32)
     if h.shape != (k, k):
         raise ValueError(f"hessian must have shape (K, K) = ({k}, {k}) to match w of shape {w.shape}; got {h.shape}")
