@@ -32,6 +32,7 @@ from any4_jax import assets, load_model
 from any4_jax.generation import generate_ids
 from any4_jax.models import ModelConfig, Transformer, param_shapes
 from any4_jax.quantize import QuantDenseFactory, Recipe, quantize_model
+from benchmarks.quality import smollm2_flax
 
 LLAMA3_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
@@ -90,10 +91,7 @@ def main():
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text("\n".join(lines) + "\n")
 
-    from converters import hf2flax
-    flax_dir = assets.cache_dir() / "bench" / "smollm2-flax"
-    if not (flax_dir / "manifest.json").exists():
-        hf2flax.convert(assets.smollm2(), flax_dir, overwrite=True)
+    flax_dir = smollm2_flax()
     model, params, tok = load_model(flax_dir)
     ids = tok(assets.text("botchan"))["input_ids"]
     bf16_model, bf16_params = load_model(flax_dir, dtype=jnp.bfloat16, tokenizer=False)[:2]

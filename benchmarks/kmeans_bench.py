@@ -59,7 +59,7 @@ def exact_row_solver(u, omega):
     nearest = lambda c: np.abs(u[:, :, None] - c[:, None, :]).argmin(-1)
     labels = nearest(c)
     one_hot = labels[:, :, None] == np.arange(16)
-    wsum, wxsum = (one_hot * a[:, :, None]).sum(1) for a in (omega, omega * u))
+    wsum, wxsum = ((one_hot * a[:, :, None]).sum(1) for a in (omega, omega * u))
     c = np.sort(np.where(wsum > 0, wxsum / np.where(wsum > 0, wsum, 1.0), c), axis=1)
     return c, nearest(c)
 

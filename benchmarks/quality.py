@@ -77,6 +77,15 @@ def row_key(label, kwargs, g, windows, seq_len) -> str:
                       sort_keys=True)
 
 
+def smollm2_flax(workdir=None) -> Path:
+    """The float Flax SmolLM2-135M the benchmarks measure, converted once into
+    ``workdir`` (default: the any4-jax cache's ``bench`` folder)."""
+    flax_dir = Path(workdir or assets.cache_dir() / "bench") / "smollm2-flax"
+    if not (flax_dir / "manifest.json").exists():
+        hf2flax.convert(assets.smollm2(), flax_dir, overwrite=True)
+    return flax_dir
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--windows", type=int, default=32)
@@ -86,10 +95,7 @@ def main():
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "quality_smollm2.md"))
     args = p.parse_args()
 
-    float_dir = Path(args.workdir) / "smollm2-flax"
-    if not (float_dir / "manifest.json").exists():
-        hf2flax.convert(assets.smollm2(), float_dir, overwrite=True)
-    model, params, tok = load_model(float_dir)
+    model, params, tok = load_model(smollm2_flax(args.workdir))
     ids = {name: tok(assets.text(name))["input_ids"] for name in TEXTS}
 
     header = [

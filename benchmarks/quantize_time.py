@@ -22,7 +22,7 @@ import jax
 
 from any4_jax import assets, calibrate, load_model
 from any4_jax.quantize import quantize_model
-from converters import hf2flax
+from benchmarks.quality import smollm2_flax
 
 
 def timed(fn):
@@ -39,10 +39,7 @@ def main():
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "quantize_time_smollm2.md"))
     args = p.parse_args()
 
-    float_dir = Path(args.workdir) / "smollm2-flax"
-    if not (float_dir / "manifest.json").exists():
-        hf2flax.convert(assets.smollm2(), float_dir, overwrite=True)
-    model, params, tok = load_model(float_dir)
+    model, params, tok = load_model(smollm2_flax(args.workdir))
 
     rows = []
     for method in args.methods:
