@@ -34,6 +34,23 @@ def default_damp(fmt: str) -> float:
     return 3.0 if get_format(fmt).kind == "learned" else 0.01
 
 
+def check_weight_and_hessian(w, hessian, shape=None):
+    """``w`` and ``hessian`` as float32 arrays, or a ValueError naming the problem:
+    ``w`` must be ``(N, K)`` (``shape`` if given), ``hessian`` ``(K, K)``, both finite."""
+    w = jnp.asarray(w, jnp.float32)
+    if shape is not None and tuple(w.shape) != tuple(shape):
+        raise ValueError(f"w must have the quantized weight's shape {tuple(shape)}; got {tuple(w.shape)}")
+    if w.ndim != 2:
+        raise ValueError(f"w must be a 2-D (N, K) weight matrix; got shape {w.shape}")
+    k = w.shape[1]
+    h = jnp.asarray(hessian, jnp.float32)
+    if h.shape != (k, k):
+        raise ValueError(f"hessian must have shape (K, K) = ({k}, {k}) to match w of shape {w.shape}; got {h.shape}")
+    if not (bool(jnp.all(jnp.isfinite(w))) and bool(jnp.all(jnp.isfinite(h)))):
+        raise ValueError("w and hessian must be finite (no NaN/Inf)")
+    return w, h
+
+
 def gptq_quantize(w, hessian, fmt: str = "int4", group_size: int | None = 128, *, lut=None,
                   damp: float | None = None, act_order: bool = False, storage_dtype="bfloat16") -> QuantizedWeight:
     """Quantize an ``(N, K)`` weight with GPTQ error feedback.
@@ -52,15 +69,8 @@ def gptq_quantize(w, hessian, fmt: str = "int4", group_size: int | None = 128, *
     spec = get_format(fmt)
     check_group_size(group_size)
     dtype = check_storage_dtype(storage_dtype)
-    w = jnp.asarray(w, jnp.float32)
-    if w.ndim != 2:
-        raise ValueError(f"w must be a 2-D (N, K) weight matrix; got shape {w.shape}")
+    w, h = check_weight_and_hessian(w, hessian)
     n, k = w.shape
-    h = jnp.asarray(hessian, jnp.float32)
-    if h.shape != (k, k):
-        raise ValueError(f"hessian must have shape (K, K) = ({k}, {k}) to match w of shape {w.shape}; got {h.shape}")
-    if not (bool(jnp.all(jnp.isfinite(w))) and bool(jnp.all(jnp.isfinite(h)))):
-        raise ValueError("w and hessian must be finite (no NaN/Inf)")
     damp = default_damp(fmt) if damp is None else damp
     if not (np.isfinite(damp) and damp >= 0):
         raise ValueError(f"damp must be a finite number >= 0; got {damp}")

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from any4_jax.formats import QuantizedWeight, assemble, get_format, unpack_codes
+from any4_jax.gptq import check_weight_and_hessian
 
 DEFAULT_STEPS = 40
 DEFAULT_LEARNING_RATE = 2e-2  # in quantization steps (LUT) and fractions of the scale (scale, zero) per step
@@ -50,15 +51,8 @@ def refine(qw: QuantizedWeight, w, hessian, *, steps: int = DEFAULT_STEPS,
         raise ValueError(f"steps must be an integer >= 0; got {steps!r}")
     if not (np.isfinite(learning_rate) and learning_rate > 0):
         raise ValueError(f"learning_rate must be a finite number > 0; got {learning_rate!r}")
-    w = jnp.asarray(w, jnp.float32)
-    if tuple(w.shape) != tuple(qw.shape):
-        raise ValueError(f"w must have the quantized weight's shape {tuple(qw.shape)}; got {tuple(w.shape)}")
-    n, k = w.shape
-    h = jnp.asarray(hessian, jnp.float32)
-    if h.shape != (k, k):
-        raise ValueError(f"hessian must have shape (K, K) = ({k}, {k}) to match w of shape {w.shape}; got {h.shape}")
-    if not (bool(jnp.all(jnp.isfinite(w))) and bool(jnp.all(jnp.isfinite(h)))):
-        raise ValueError("w and hessian must be finite (no NaN/Inf)")
+    w, h = check_weight_and_hessian(w, hessian, qw.shape)
+    k = w.shape[1]
     if steps == 0:
         return qw
     h = h / jnp.maximum(jnp.mean(jnp.diag(h)), 1e-30)

@@ -110,6 +110,19 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_calibrated(tiny_model):
+    """The tiny Llama's ``(model, params)``, 4 x 64 random calibration ids, and
+    each Dense input's Hessian on them (``calibrate.dense_input_hessians``)."""
+    from any4_jax import load_model
+    from any4_jax.calibrate import dense_input_hessians
+
+    _, flax_dir = tiny_model("llama")
+    model, params, _ = load_model(flax_dir)
+    ids = np.random.default_rng(4).integers(0, 128, size=(4, 64)).astype(np.int32)
+    return model, params, ids, dense_input_hessians(model, params, ids)
+
+
+@pytest.fixture(scope="session")
 def smollm2_any4(smollm2_flax, tmp_path_factory):
     """SmolLM2 quantized with calibrated any4 (G = 128) and saved, once per session."""
     from any4_jax import load_model

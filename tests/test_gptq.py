@@ -111,13 +111,10 @@ def test_hessians_match_pytorch_hooks(tiny_model):
         np.testing.assert_allclose(ours[path], x.T @ x / len(x), rtol=1e-4, atol=1e-5 * np.abs(x).max() ** 2)
 
 
-def test_quantize_model_gptq_lowers_every_layers_output_error(tiny_model):
+def test_quantize_model_gptq_lowers_every_layers_output_error(tiny_calibrated):
     """On the calibration tokens, each layer's tr((W - Ŵ) H (W - Ŵ)ᵀ) under
     method='gptq' is below plain int4's; the recipe records the method."""
-    _, flax_dir = tiny_model("llama")
-    model, params, _ = load_model(flax_dir)
-    ids = np.random.default_rng(4).integers(0, 128, size=(4, 64)).astype(np.int32)
-    h = dense_input_hessians(model, params, ids)
+    model, params, ids, h = tiny_calibrated
     kw = dict(fmt="int4", group_size=32, calibration=ids, progress=False)
     plain_model, plain = quantize_model(model, params, **kw)
     gptq_model, gptq = quantize_model(model, params, method="gptq", act_order=True, **kw)

@@ -5,8 +5,7 @@ and zero, and the plain method it starts from."""
 import numpy as np
 import pytest
 
-from any4_jax import load_model, quantize_tensor
-from any4_jax.calibrate import dense_input_hessians
+from any4_jax import quantize_tensor
 from any4_jax.gptq import gptq_quantize
 from any4_jax.quantize import Recipe, quantize_model
 from any4_jax.refine import output_error as library_output_error
@@ -89,13 +88,10 @@ def test_bad_input(rng, kwargs, match):
         refine(qw, args.pop("w"), args.pop("hessian"), **args)
 
 
-def test_quantize_model_refine_lowers_every_layers_output_error(tiny_model):
+def test_quantize_model_refine_lowers_every_layers_output_error(tiny_calibrated):
     """Each layer's error on the calibration tokens under refine_steps is at most
     plain any4's (most clearly lower); the recipe records the steps."""
-    _, flax_dir = tiny_model("llama")
-    model, params, _ = load_model(flax_dir)
-    ids = np.random.default_rng(4).integers(0, 128, size=(4, 64)).astype(np.int32)
-    h = dense_input_hessians(model, params, ids)
+    model, params, ids, h = tiny_calibrated
     kw = dict(fmt="any4", group_size=32, calibration=ids, progress=False)
     _, plain = quantize_model(model, params, **kw)
     refined_model, refined = quantize_model(model, params, refine_steps=40, **kw)
@@ -109,13 +105,10 @@ def test_quantize_model_refine_lowers_every_layers_output_error(tiny_model):
         quantize_model(model, params, refine_steps=-1, calibration="generated", progress=False)
 
 
-def test_gptq_refine_is_gptq_then_refinement_under_one_name(tiny_model):
+def test_gptq_refine_is_gptq_then_refinement_under_one_name(tiny_calibrated):
     """method="gptq-refine": the recipe is GPTQ's (act-order, any4's damping) with 40
     refinement steps, and no layer's output error is above GPTQ's alone."""
-    _, flax_dir = tiny_model("llama")
-    model, params, _ = load_model(flax_dir)
-    ids = np.random.default_rng(5).integers(0, 128, size=(4, 64)).astype(np.int32)
-    h = dense_input_hessians(model, params, ids)
+    model, params, ids, h = tiny_calibrated
     kw = dict(fmt="any4", group_size=32, calibration=ids, progress=False)
     _, gptq = quantize_model(model, params, method="gptq", **kw)
     best_model, best = quantize_model(model, params, method="gptq-refine", **kw)
