@@ -116,8 +116,8 @@ def main():
              "| method | seconds | compile s | speedup | speedup with compile | median objective vs scikit-learn |",
              "|---|---|---|---|---|---|"]
     for name, secs, comp, ratio in rows:
-        lines.append(f"| {name} | {secs:.2f} | {comp:.2f} | {sk_seconds / secs:.1f}x | "
-                     f"{sk_seconds / (secs + comp):.1f}x | {ratio:.4f} |")
+        lines.append(f"| {name} | {secs:.2f} | {comp:.2f} | {sk_seconds / secs:.3g}x | "
+                     f"{sk_seconds / (secs + comp):.3g}x | {ratio:.4f} |")
     print("\n" + "\n".join(lines))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
