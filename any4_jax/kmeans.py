@@ -168,12 +168,15 @@ def _solve_row(x, w, key, *, n_clusters, init, n_init, max_iter, tol, n_bins):
         return c, _binned_objective(points, pw, c)
 
     cs, objs = jax.vmap(one_start)(jax.random.split(key, n_init))
-    c = cs[jnp.argmin(objs)]
-    # One exact Lloyd step on the raw elements (an empty cluster keeps its
-    # centroid), then labels = the nearest centroid of every element.
+    return _finish(x, w, cs[jnp.argmin(objs)])
+
+
+def _finish(x, w, c):
+    """One exact Lloyd step on the raw elements (an empty cluster keeps its
+    centroid), then labels = the nearest centroid of every element."""
     labels = _assign(x, c)
-    wsum = jnp.zeros(n_clusters, jnp.float32).at[labels].add(w)
-    wxsum = jnp.zeros(n_clusters, jnp.float32).at[labels].add(w * x)
+    wsum = jnp.zeros(c.shape[0], jnp.float32).at[labels].add(w)
+    wxsum = jnp.zeros(c.shape[0], jnp.float32).at[labels].add(w * x)
     c = jnp.sort(jnp.where(wsum > 0, wxsum / jnp.where(wsum > 0, wsum, 1.0), c))
     return c, _assign(x, c).astype(jnp.uint8)
 
@@ -298,6 +301,14 @@ def histogram_points(x, w, n_bins: int = _DEFAULT_N_BINS):
     return jax.vmap(lambda a, b: _summarise(a, b, n_bins))(x, w)
 
 
+@jax.jit
+def finish(x, w, centroids):
+    """``weighted_kmeans_1d``'s last step for centroids found elsewhere: one exact
+    Lloyd step on each row's raw elements, then ``(centroids, labels)``."""
+    return jax.vmap(_finish)(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32),
+                             jnp.asarray(centroids, jnp.float32))
+
+
 def exact_kmeans_1d(points, weights, n_clusters: int):
     """The exact weighted k-means of each row of sorted 1-D ``points`` (float64 numpy).
 
@@ -328,8 +339,8 @@ def exact_kmeans_1d(points, weights, n_clusters: int):
 
 def _exact_rows(p, w, n_clusters):
     r, b = p.shape
-    points = p
-    p = p - (w * p).sum(1, keepdims=True) / np.maximum(w.sum(1, keepdims=True), 1e-300)  # centred: exact sums
+    mean = (w * p).sum(1, keepdims=True) / np.maximum(w.sum(1, keepdims=True), 1e-300)
+    p = p - mean  # centred: the prefix sums stay exact
     zero = np.zeros((r, 1))
     cw, cx, cxx = (np.concatenate([zero, np.cumsum(a, axis=1)], axis=1) for a in (w, w * p, w * p * p))
     sw = cw[:, None, :] - cw[:, :, None]  # [m, i]: points m .. i-1
@@ -350,8 +361,7 @@ def _exact_rows(p, w, n_clusters):
     rows = np.arange(r)[:, None]
     sw = cw[rows, bounds[:, 1:]] - cw[rows, bounds[:, :-1]]
     sx = cx[rows, bounds[:, 1:]] - cx[rows, bounds[:, :-1]]
-    offset = points - p  # undo the centring
-    means = np.where(sw > 0, sx / np.where(sw > 0, sw, 1.0), np.nan) + offset[:, :1]
+    means = np.where(sw > 0, sx / np.where(sw > 0, sw, 1.0), np.nan) + mean
     for j in range(1, n_clusters):  # empty clusters: repeat the one before
         means[:, j] = np.where(np.isnan(means[:, j]), means[:, j - 1], means[:, j])
     for j in range(n_clusters - 2, -1, -1):

@@ -219,7 +219,7 @@ def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None =
     and zeros; ``matmul`` the ``qmatmul`` path of the returned model. The fields become the
     model's ``Recipe``; ``kmeans_options`` go to ``quantize_tensor``.
     ``method="gptq-refine"`` is ``method="gptq"`` with ``refine_steps=40``
-    (unless given): the best any4 method measured here, under one name.
+    (or the ``refine_steps`` given, if > 0): the best any4 method measured here, under one name.
     """
     if method in PRESETS:
         preset = PRESETS[method]
@@ -267,7 +267,7 @@ def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None =
         order = list(layers)
 
     learned = get_format(fmt).kind == "learned"
-    work = jax.tree_util.tree_map(lambda x: x, params)  # float params, updated in place when sequential
+
     def quantize_layer(i, path):
         kernel = _get(params, path)["kernel"]
         w = jnp.asarray(kernel, jnp.float32).T  # Flax (K, N) -> (N, K)
@@ -291,6 +291,7 @@ def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None =
     quantized = {}
     bar = tqdm(order, desc=f"quantizing {fmt}", unit="layer", disable=not progress)
     if sequential:  # each layer sees the model with the layers before it quantized
+        work = jax.tree_util.tree_map(lambda x: x, params)  # float params, updated in place
         for i, path in enumerate(bar):
             bar.set_postfix_str(path)
             if inputs is not None and i > 0:
@@ -298,8 +299,8 @@ def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None =
                 if needs_hessians:
                     hessians = calibrate.dense_input_hessians(model, work, inputs)
             quantized[path] = quantize_layer(i, path)
-            kernel = _get(params, path)["kernel"]
-            _get(work, path)["kernel"] = dequantize(quantized[path], kernel.dtype).T
+            layer = _get(work, path)
+            layer["kernel"] = dequantize(quantized[path], layer["kernel"].dtype).T
     else:  # independent layers, two at a time (much of a layer's work leaves a core idle)
         pool = ThreadPoolExecutor(2)
         try:

@@ -31,7 +31,7 @@ import numpy as np
 from joblib import Parallel, delayed
 from sklearn.cluster import KMeans
 
-from any4_jax.kmeans import exact_kmeans_1d, histogram_points, kmeans_objective, weighted_kmeans_1d
+from any4_jax.kmeans import exact_kmeans_1d, finish, histogram_points, kmeans_objective, weighted_kmeans_1d
 
 
 def make_data(rows, cols, group_size, seed=0):
@@ -52,16 +52,10 @@ def sklearn_row(u, omega, seed):
 
 
 def exact_row_solver(u, omega):
-    """Exact k-means of the rows' histograms, then one exact step on the raw
-    elements (as ``weighted_kmeans_1d`` ends): centroids and labels, numpy."""
-    points, pw = histogram_points(u, omega)
-    c, _ = exact_kmeans_1d(points, pw, 16)
-    nearest = lambda c: np.abs(u[:, :, None] - c[:, None, :]).argmin(-1)
-    labels = nearest(c)
-    one_hot = labels[:, :, None] == np.arange(16)
-    wsum, wxsum = ((one_hot * a[:, :, None]).sum(1) for a in (omega, omega * u))
-    c = np.sort(np.where(wsum > 0, wxsum / np.where(wsum > 0, wsum, 1.0), c), axis=1)
-    return c, nearest(c)
+    """Exact k-means of the rows' histograms, then the same last step on the raw
+    elements as ``weighted_kmeans_1d``'s: centroids and labels."""
+    c, _ = exact_kmeans_1d(*histogram_points(u, omega), 16)
+    return finish(u, omega, c)
 
 
 def main():

@@ -1,7 +1,6 @@
 """GPTQ error feedback against a plain numpy reference (the sequential OBQ
 update on an explicit inverse Hessian, float64) and against round-to-nearest."""
 
-
 import numpy as np
 import pytest
 

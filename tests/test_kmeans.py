@@ -1,11 +1,11 @@
 """Weighted 1-D k-means against exact answers and scikit-learn."""
 
+import itertools
+
 import jax
 import numpy as np
 import pytest
 from sklearn.cluster import KMeans
-
-import itertools
 
 from any4_jax.kmeans import INITS, exact_kmeans_1d, kmeans_objective, weighted_kmeans_1d
 from conftest import group_scaled, realistic_weight
