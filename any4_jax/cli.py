@@ -1,6 +1,7 @@
 """The ``any4`` command: convert, quantize, eval, generate, demo.
 
-The edge of the library: it reads ``$ANY4_JAX_MATMUL`` once (the matmul path of
+The edge of the library: its flags become keyword arguments of the library
+here and nowhere else; it reads ``$ANY4_JAX_MATMUL`` once (the matmul path of
 quantized layers) and runs the converters in process.
 """
 
@@ -16,11 +17,12 @@ from pathlib import Path
 import jax
 
 from any4_jax import assets, quantize
-from any4_jax.checkpoint import check_output_dir, load_model, read_manifest, save_model
+from any4_jax.checkpoint import check_output_dir, load_model, load_tokenizer, open_model_dir, read_manifest, save_model
 from any4_jax.evaluate import perplexity
-from any4_jax.formats import FORMATS
+from any4_jax.formats import FORMATS, STORAGE_DTYPES
 from any4_jax.generation import generate, generate_text
 from any4_jax.layers import MATMUL_PATHS
+from any4_jax.recipe import METHODS, PRESETS, REFINE_STEPS, STATISTICS, Recipe, bits_per_weight
 from any4_jax.sharding import make_mesh
 from converters import hf2flax, run_command
 
@@ -36,8 +38,100 @@ def matmul_from_env() -> str:
     return path
 
 
-def cmd_convert(args, rest):
-    return hf2flax.main(rest)
+def add_quantize_arguments(p: argparse.ArgumentParser, format_flag: str = "--format", default_format="any4"):
+    """The quantization flags of ``any4 quantize`` and ``any4 convert --quantize``."""
+    p.add_argument(format_flag, dest="format", default=default_format, choices=FORMATS,
+                   help="the format (any4, any3, any2, int4, int3, int2, nf4, fp4)" if default_format else
+                   "also quantize every linear layer but lm_head to this format, on the way (no float copy)")
+    p.add_argument("--group-size", default="128", help="32, 64, 128, 256, 512, 1024 or 'none' (one group a row)")
+    p.add_argument("--calibration", default="default",
+                   help="'default' (the built-in one-prompt calibration; for gptq, awq and --refine: 'generated'), "
+                        "'generated' (8 texts written once by SmolLM2-135M-Instruct, fetched and cached), "
+                        "a text FILE, or 'none'")
+    p.add_argument("--method", default="plain", choices=METHODS + tuple(PRESETS),
+                   help="plain (the paper's), gptq (error feedback through the Hessian of each layer's "
+                        "inputs), awq (fixed formats: activation-aware scaling and clipping) or gptq-refine "
+                        f"(gptq, then --refine {REFINE_STEPS}: the best any4 here, slowest)")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="gptq: columns in order of decreasing Hessian diagonal (default: on)")
+    p.add_argument("--damp", type=float, default=None,
+                   help="gptq: diagonal damping as a fraction of the mean diagonal (default: 0.01, anyN 3.0)")
+    p.add_argument("--refine", type=int, nargs="?", const=REFINE_STEPS, default=0, metavar="STEPS",
+                   help="refine each layer's LUT, scales and zeros (codes fixed) on its output error over the "
+                        f"calibration data, STEPS Adam steps (--refine alone: {REFINE_STEPS}; default: off)")
+    p.add_argument("--statistic", default="abs_mean", choices=STATISTICS,
+                   help="per-input-channel activation statistic (default abs_mean, the paper's)")
+    p.add_argument("--sequential", action="store_true",
+                   help="each layer calibrated on the model with the layers before it quantized (slower)")
+    p.add_argument("--storage-dtype", default="bfloat16", choices=STORAGE_DTYPES,
+                   help="dtype of the stored LUTs, scales and zeros (default bfloat16: ~4.25 bits/weight at G=128)")
+    p.add_argument("--seed", type=int, default=0, help="k-means seed")
+    p.add_argument("--devices", type=int, default=1,
+                   help="spread LUT learning over this many devices (on a CPU-only machine: CPU devices)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", default=None,
+                       help="continue an interrupted run of the same command (re-running it does that too); "
+                            "refuse if there is none")
+    again.add_argument("--restart", dest="resume", action="store_false", default=None,
+                       help="discard the unfinished work of an interrupted run and start over")
+    return p
+
+
+QUANTIZE_DEFAULTS = {a.dest: a.default for a in add_quantize_arguments(argparse.ArgumentParser())._actions
+                     if a.dest not in ("help", "format")}
+
+
+def quantize_options(args) -> dict:
+    """``quantize_checkpoint`` keyword arguments from the flags of ``add_quantize_arguments``."""
+    group = None if str(args.group_size).lower() == "none" else args.group_size
+    if group is not None and not str(group).isdigit():
+        raise ValueError(f"--group-size {group!r}: expected 32, 64, 128, 256, 512, 1024 or 'none'")
+    group = None if group is None else int(group)
+    cal = args.calibration
+    if cal.lower() == "none":
+        cal = None
+    elif cal not in ("default", "generated"):
+        path = Path(cal)
+        if not path.is_file():
+            raise FileNotFoundError(f"--calibration {cal}: not 'default', 'generated', 'none' or an existing text file")
+        try:
+            cal = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--calibration {cal}: not a UTF-8 text file ({e.reason} at byte {e.start})") from e
+    recipe = Recipe.resolve(fmt=args.format, group_size=group, statistic=args.statistic, sequential=args.sequential,
+                            method=args.method, act_order=args.act_order, damp=args.damp, refine_steps=args.refine,
+                            storage_dtype=args.storage_dtype)
+    options = dict(recipe=recipe, calibration=cal, key=jax.random.PRNGKey(args.seed), resume=args.resume)
+    if args.devices > 1:
+        if jax.device_count() < args.devices:
+            raise ValueError(f"--devices {args.devices}: only {jax.device_count()} {jax.default_backend()} "
+                             f"device(s) are visible")
+        options["mesh"] = make_mesh(1, args.devices, devices=jax.devices()[: args.devices])
+    return options
+
+
+def _quantize_into(source, args):
+    """Quantize ``source`` into ``args.out`` by the flags; print one line."""
+    options = quantize_options(args)
+    start = time.perf_counter()
+    m = quantize.quantize_checkpoint(source, args.out, tokenizer=load_tokenizer(source.path),
+                                     overwrite=args.overwrite, **options)
+    where = f" on {args.devices} {jax.default_backend()} devices" if args.devices > 1 else ""
+    q = m["quantization"]
+    print(f"wrote {args.out}: {q['fmt']}, group size {q['group_size']}, {q['bits_per_weight']} bits/weight, "
+          f"from {source.dtype} weights, in {time.perf_counter() - start:.1f} s{where}")
+    return 0
+
+
+def cmd_convert(args):
+    if args.format is None:
+        given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items() if k in QUANTIZE_DEFAULTS
+                 and v != QUANTIZE_DEFAULTS[k]]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with --quantize FORMAT")
+        return hf2flax.run(args)
+    check_output_dir(args.out, args.overwrite, inputs=[args.model])  # before the long work, not after it
+    return _quantize_into(hf2flax.open_hf_dir(args.model, args.dtype), args)
 
 
 def _load_text(name_or_file: str) -> str:
@@ -50,23 +144,9 @@ def _load_text(name_or_file: str) -> str:
     return path.read_text()
 
 
-def cmd_quantize(args, rest):
+def cmd_quantize(args):
     check_output_dir(args.out, args.overwrite, inputs=[args.model])  # before the long work, not after it
-    model, params, tokenizer = load_model(args.model, require="float")
-    options = quantize.from_arguments(args)
-    if args.devices > 1:
-        if jax.device_count() < args.devices:
-            raise ValueError(f"--devices {args.devices}: only {jax.device_count()} {jax.default_backend()} "
-                             f"device(s) are visible")
-        options["mesh"] = make_mesh(1, args.devices, devices=jax.devices()[: args.devices])
-    start = time.perf_counter()
-    qmodel, qparams = quantize.quantize_model(model, params, fmt=args.format, tokenizer=tokenizer, **options)
-    seconds = time.perf_counter() - start
-    m = save_model(args.out, qmodel, qparams, tokenizer, overwrite=args.overwrite, source=args.model)
-    where = f" on {args.devices} {jax.default_backend()} devices" if args.devices > 1 else ""
-    print(f"wrote {args.out}: {args.format}, group size {options['group_size']}, "
-          f"{m['quantization']['bits_per_weight']} bits/weight, quantized in {seconds:.1f} s{where}")
-    return 0
+    return _quantize_into(open_model_dir(args.model), args)
 
 
 def evaluate_dir(model_dir, text: str, seq_len: int, max_windows: int | None):
@@ -75,7 +155,7 @@ def evaluate_dir(model_dir, text: str, seq_len: int, max_windows: int | None):
     return perplexity(model, params, ids, seq_len=seq_len, max_windows=max_windows), len(ids)
 
 
-def cmd_eval(args, rest):
+def cmd_eval(args):
     ppl, n_tokens = evaluate_dir(args.model, _load_text(args.text), args.seq_len, args.max_windows)
     manifest = read_manifest(args.model)
     result = {"model": str(args.model), "text": args.text, "perplexity": ppl, "seq_len": args.seq_len,
@@ -86,7 +166,7 @@ def cmd_eval(args, rest):
     return 0
 
 
-def cmd_generate(args, rest):
+def cmd_generate(args):
     model, params, tokenizer = load_model(args.model, matmul=matmul_from_env(), tokenizer="required")
     printed = []
 
@@ -109,7 +189,7 @@ def cmd_generate(args, rest):
     return 0
 
 
-def cmd_demo(args, rest):
+def cmd_demo(args):
     """SmolLM2-135M: fetch, convert, quantize with int4/fp4/nf4/any4, compare, generate."""
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -135,7 +215,7 @@ def cmd_demo(args, rest):
         jax.block_until_ready(qparams)
         seconds = time.perf_counter() - start
         rows.append((fmt, fmt, perplexity(qmodel, qparams, ids, args.seq_len, args.windows), seconds,
-                     quantize.bits_per_weight(qparams)))
+                     bits_per_weight(qparams)))
         if fmt == "any4":
             any4 = (qmodel, qparams)
             save_model(work / "smollm2-any4", qmodel, qparams, tokenizer, overwrite=True, source=flax_dir)
@@ -158,17 +238,17 @@ def build_parser():
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("convert", help="HF checkpoint -> Flax (same flags as python -m converters.hf2flax)",
-                       add_help=False)
+    c = sub.add_parser("convert", parents=[common], help="HF checkpoint -> Flax, one part at a time (the flags "
+                       "of python -m converters.hf2flax), optionally quantized on the way (--quantize FORMAT)")
+    hf2flax.add_arguments(c)
+    add_quantize_arguments(c, "--quantize", default_format=None)
     c.set_defaults(func=cmd_convert)
 
-    q = sub.add_parser("quantize", parents=[common], help="quantize a converted float model directory")
+    q = sub.add_parser("quantize", parents=[common], help="quantize a converted float model directory, one block "
+                       "at a time (resumable)")
     q.add_argument("--model", required=True, help="float model directory (from `any4 convert`)")
     q.add_argument("--out", required=True, help="output directory (written atomically)")
-    q.add_argument("--format", default="any4", choices=FORMATS)
-    quantize.add_arguments(q)
-    q.add_argument("--devices", type=int, default=1,
-                   help="spread LUT learning over this many devices (on a CPU-only machine: CPU devices)")
+    add_quantize_arguments(q)
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_quantize)
 
@@ -206,15 +286,13 @@ def build_parser():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    if argv and argv[0] == "convert":  # passes every flag through to the converter
-        return cmd_convert(None, argv[1:])
     args = parser.parse_args(argv)
     if getattr(args, "devices", 1) > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         # Without accelerators, let jax see this many CPU devices (read when its backend starts).
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.devices}").strip()
     enable_compilation_cache()
-    return run_command(lambda: args.func(args, []), args.debug)
+    return run_command(lambda: args.func(args), args.debug)
 
 
 def enable_compilation_cache():

@@ -250,6 +250,17 @@ class DecoderLayer(nn.Module):
         return x + y, new_cache
 
 
+def attention_mask_of(config: ModelConfig, q_pos, key_pos, key_valid=None):
+    """``(B, 1, T, S)`` bool: query positions ``q_pos (T,)`` may attend to keys at
+    ``key_pos (B, S)`` (causal, within the sliding window) that are valid."""
+    mask = q_pos[:, None] >= key_pos[:, None, :]  # causal, (B, T, S)
+    if config.sliding_window is not None:
+        mask &= q_pos[:, None] - key_pos[:, None, :] < config.sliding_window
+    if key_valid is not None:
+        mask &= key_valid.astype(bool)[:, None, :]
+    return mask[:, None]
+
+
 class Transformer(nn.Module):
     """``apply({"params": p}, input_ids (B, T))`` -> logits ``(B, T, vocab)`` float32.
 
@@ -278,13 +289,7 @@ class Transformer(nn.Module):
                 cache["valid"], (jnp.ones((b, t), bool) if attention_mask is None
                                  else attention_mask.astype(bool)), (0, cache["index"]))
             key_pos, key_valid, q_offset = jnp.broadcast_to(jnp.arange(s), (b, s)), valid, cache["index"]
-        q_pos = q_offset + jnp.arange(t)
-        mask = q_pos[:, None] >= key_pos[:, None, :]  # causal, (B, T, S)
-        if c.sliding_window is not None:
-            mask &= q_pos[:, None] - key_pos[:, None, :] < c.sliding_window
-        if key_valid is not None:
-            mask &= key_valid.astype(bool)[:, None, :]
-        mask = mask[:, None]  # (B, 1, T, S)
+        mask = attention_mask_of(c, q_offset + jnp.arange(t), key_pos, key_valid)
 
         new_layers = []
         for i in range(c.num_hidden_layers):
@@ -319,3 +324,79 @@ def param_shapes(model: Transformer) -> dict:
     """The params pytree of ``model`` as ``jax.ShapeDtypeStruct`` leaves (no memory)."""
     ids = jnp.zeros((1, 1), jnp.int32)
     return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids))["params"]
+
+
+class Head(nn.Module):
+    """The last stage of an untied ``Transformer``: final norm, then ``lm_head``."""
+    config: ModelConfig
+    dense: Callable = float_dense
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        x = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(x)
+        return self.dense(c.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head",
+                          parallel=PARALLEL["lm_head"])(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One piece of a model's forward pass, owning ``keys`` of its top-level
+    params: ``run_stage`` maps the hidden states ``x`` of calibration ids to the
+    next ones, one piece in memory at a time (docs/design.md §11).
+
+    ``kind`` is ``"embed"`` (ids -> x), ``"block"`` (a decoder layer, its
+    params under ``keys[0]``), ``"head"`` (``Head``), ``"model"`` (any Linen
+    model whole: ids -> output) or ``"none"`` (params no computation needs,
+    such as a tied model's final norm). ``module`` is hashable, so stages of one
+    shape share their compiled programs.
+    """
+    keys: tuple[str, ...]
+    kind: str
+    module: Any = None
+
+    @property
+    def prefix(self) -> str:
+        """What a Dense path inside ``module`` is prefixed with in the model's params."""
+        return self.keys[0] if self.kind == "block" else ""
+
+
+def stages(model) -> list[Stage]:
+    """``model``'s forward pass as ``Stage``s, in order: one for a ``Transformer``'s
+    embedding, each decoder layer, and the head; a single ``"model"`` stage for
+    any other Linen model (its top-level keys are found when it runs)."""
+    if not isinstance(model, Transformer):
+        return [Stage((), "model", model)]
+    c = model.config
+    block = DecoderLayer(c, model.dense, model.dtype)
+    final = (Stage(("norm",), "none") if c.tie_word_embeddings
+             else Stage(("norm", "lm_head"), "head", Head(c, model.dense, model.dtype)))
+    return ([Stage(("embed_tokens",), "embed", nn.Embed(c.vocab_size, c.hidden_size, dtype=model.dtype))]
+            + [Stage((f"layers_{i}",), "block", block) for i in range(c.num_hidden_layers)] + [final])
+
+
+def stage_params(stage: Stage, params: dict):
+    """The part of ``params`` (a dict holding the stage's keys) that the
+    stage's module applies to: the same pytree structure for every block."""
+    if stage.kind in ("embed", "block"):
+        return params[stage.keys[0]]
+    return params if stage.kind == "model" else {k: params[k] for k in stage.keys}
+
+
+def apply_stage(kind: str, module, p, x, ids):
+    """The output of a stage's ``module`` with params ``p`` (``stage_params``)
+    for hidden states ``x`` (``None`` before the first stage) of the ``(B, T)``
+    token ids ``ids``. Pure: jit it with ``kind`` and ``module`` static."""
+    if kind == "embed":
+        return module.apply({"params": p}, ids)
+    if kind == "block":
+        b, t = ids.shape
+        positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        mask = attention_mask_of(module.config, jnp.arange(t), positions)
+        return module.apply({"params": p}, x, positions, mask)[0]
+    if kind == "head":
+        return module.apply({"params": p}, x)
+    if kind == "model":
+        return module.apply({"params": p}, ids)
+    raise ValueError(f"a stage of kind {kind!r} computes nothing")

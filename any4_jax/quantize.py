@@ -1,20 +1,27 @@
-"""Float params -> quantized params, for any Flax Linen model with ``nn.Dense`` layers.
+"""The quantization pipeline: a ``Recipe`` applied one stage at a time.
 
-How the weights are made is a ``Recipe`` (versioned, written to checkpoints);
-how a quantized layer computes and where it runs is a ``QuantDenseFactory``
-(the recipe, a matmul path and an optional mesh). ``add_arguments`` /
-``from_arguments`` are the command-line flags for both the ``any4`` CLI and
-``python -m converters.hf2flax --quantize``.
+A model's forward pass is a list of ``models.Stage``s (a ``Transformer``: the
+embedding, each decoder block, the head; any other Linen model: one stage).
+For each stage in turn (docs/design.md §11): read its float params, run the
+calibration inputs through it (each Dense layer's statistics and, where the
+method needs them, Hessians), quantize its layers, hand the quantized stage on,
+and pass its outputs — of the quantized stage where the recipe is sequential —
+to the next stage. Only one stage's params and Hessians are in memory at a time.
+
+* ``quantize_model(model, params, ...)``: in memory, any Linen model with ``nn.Dense`` layers.
+* ``quantize_checkpoint(source, out_dir, ...)``: from a model directory (or a
+  Hugging Face folder) to a model directory, one stage at a time, resumable
+  after an interrupt. Both run ``quantize_stages`` and give the same weights.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import warnings
+import functools
+import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -24,104 +31,13 @@ from tqdm import tqdm
 
 from any4_jax import calibrate
 from any4_jax.awq import awq, scale_groups
-from any4_jax.gptq import default_damp, gptq_quantize
-from any4_jax.refine import DEFAULT_STEPS, refine
-from any4_jax.formats import (STORAGE_DTYPES, QuantizedWeight, check_group_size, check_storage_dtype,
-                              dequantize, get_format, quantize_tensor)
-from any4_jax.layers import QuantDense, check_matmul_path, quantized_dense
-from any4_jax.models import float_dense
-
-
-METHODS = ("plain", "gptq", "awq")  # docs/design.md §9, §10
-# One name for the best any4 recipe (README's quality table): GPTQ, then refinement.
-PRESETS = {"gptq-refine": dict(method="gptq", refine_steps=DEFAULT_STEPS)}
-
-
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-    """How quantized weights were made; a checkpoint records it (``to_dict``)
-    and loading validates it (``from_dict``). It fixes the parameter shapes.
-
-    ``calibration`` describes the data (``"default"`` = the built-in prompt,
-    ``None`` = none, else e.g. ``"prompt (812 chars)"``); the data itself is an
-    argument of ``quantize_model``.
-    """
-
-    VERSION: ClassVar[int] = 3  # 2 added method, act_order and damp; 3 refine_steps
-
-    fmt: str = "any4"
-    group_size: int | None = 128
-    storage_dtype: str = "bfloat16"
-    skip: tuple[str, ...] = ("lm_head",)
-    calibration: str | None = "default"
-    statistic: str = "abs_mean"
-    scale_sample_weight: bool = True
-    sequential: bool = False
-    method: str = "plain"
-    act_order: bool = False
-    damp: float | None = None
-    refine_steps: int = 0
-
-    def __post_init__(self):
-        get_format(self.fmt)
-        check_group_size(self.group_size)
-        object.__setattr__(self, "storage_dtype", check_storage_dtype(self.storage_dtype).name)
-        object.__setattr__(self, "skip", tuple(self.skip or ()))
-        if self.statistic not in calibrate.STATISTICS:
-            raise ValueError(f"unknown statistic {self.statistic!r}; accepted: {', '.join(calibrate.STATISTICS)}")
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; accepted: {', '.join(METHODS)}")
-        if self.method == "awq" and get_format(self.fmt).kind == "learned":
-            raise ValueError(f"method='awq' takes a fixed format (int4, int3, int2, nf4, fp4); got {self.fmt!r} "
-                             f"(for anyN use 'plain' or 'gptq')")
-        if self.method == "awq" and self.sequential:
-            raise ValueError("method='awq' is not sequential (its scaling keeps the float model's function); "
-                             "drop sequential=True")
-        if not (isinstance(self.refine_steps, (int, np.integer)) and not isinstance(self.refine_steps, bool)
-                and self.refine_steps >= 0):
-            raise ValueError(f"refine_steps must be an integer >= 0 (0: no refinement); got {self.refine_steps!r}")
-
-    def to_dict(self) -> dict:
-        return {"recipe_version": self.VERSION, **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Recipe":
-        """The recipe a checkpoint recorded; a ValueError names an unknown version or field."""
-        d = dict(d)
-        version = d.pop("recipe_version", None)
-        if version not in (1, 2, cls.VERSION):
-            raise ValueError(f"recipe_version {version!r} is not one this any4-jax reads (1 to {cls.VERSION})")
-        if version == 1:
-            d.update(method="plain", act_order=False, damp=None)
-        if version in (1, 2):
-            d.update(refine_steps=0)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown, missing = sorted(set(d) - names), sorted(names - set(d))
-        if unknown or missing:
-            raise ValueError(f"recipe (version {version}) has unknown field(s) {unknown} and lacks "
-                             f"field(s) {missing}; expected exactly: {', '.join(sorted(names))}")
-        return cls(**d)
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantDenseFactory:
-    """The ``dense`` of a quantized ``Transformer``: ``QuantDense`` layers with the
-    recipe's shapes everywhere but the layers in ``recipe.skip`` (plain Dense).
-    ``matmul`` is the ``qmatmul`` path; with a ``mesh``, kernel matmuls run per shard."""
-
-    recipe: Recipe
-    matmul: str = "auto"
-    mesh: Any = None
-
-    def __post_init__(self):
-        check_matmul_path(self.matmul)
-
-    def __call__(self, features, *, use_bias=True, dtype=None, name=None, parallel=None):
-        r = self.recipe
-        if name in r.skip:
-            return float_dense(features, use_bias=use_bias, dtype=dtype, name=name)
-        return QuantDense(features, use_bias, dtype, r.fmt, r.group_size, r.storage_dtype, self.matmul,
-                          parallel, self.mesh, name=name)
+from any4_jax.checkpoint import ParamSource, ResumableWrite, model_manifest, release_memory, write_part
+from any4_jax.formats import QuantizedWeight, dequantize, get_format, quantize_tensor
+from any4_jax.gptq import gptq_quantize
+from any4_jax.layers import quantized_dense
+from any4_jax.models import Stage, Transformer, param_shapes, stages
+from any4_jax.recipe import Recipe, bits_per_weight, storage_totals
+from any4_jax.refine import refine
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,241 +68,312 @@ class QuantizedModel:
         return getattr(self.model, name)
 
 
-def calibration_inputs(calibration, tokenizer, max_len: int | None = None):
-    """Model inputs for ``calibration``: ``"default"`` (the built-in prompt), a
-    prompt, a list of texts, an array of token ids / model inputs, or ``None``
-    (no calibration); ``quantize_model`` also takes ``"generated"``
-    (``calibrate.generated_ids``). An input
-    longer than ``max_len`` tokens (the model's context) is split into chunks of
-    at most ``max_len``, with a warning (statistics pool over all chunks)."""
-    if calibration is None:
-        return None
-    if isinstance(calibration, str):
-        texts = [calibrate.DEFAULT_PROMPT if calibration == "default" else calibration]
-    elif isinstance(calibration, (list, tuple)) and all(isinstance(t, str) for t in calibration):
-        texts = list(calibration)
-    else:
-        x = np.asarray(calibration)
-        return _chunked([x if x.ndim >= 2 else x[None]], max_len)
-    if tokenizer is None:
-        raise ValueError("calibration text needs a tokenizer (tokenizer=...), or pass token ids")
-    inputs = []
-    for text in texts:
-        ids = tokenizer(text)["input_ids"]
-        if len(ids) < 1:
-            raise ValueError(f"calibration text {text[:40]!r} is shorter than one token")
-        inputs.append(np.asarray(ids, np.int32)[None])
-    return _chunked(inputs, max_len)
-
-
-def _chunked(inputs, max_len):
-    if not max_len or all(x.shape[-1] <= max_len for x in inputs):
-        return inputs
-    longest = max(x.shape[-1] for x in inputs)
-    warnings.warn(f"calibration input of {longest} tokens is longer than the model context {max_len}; "
-                  f"it is split into chunks of {max_len} tokens", stacklevel=3)
-    return [x[..., i:i + max_len] for x in inputs for i in range(0, x.shape[-1], max_len)]
-
-
-def quantize_model(model, params, *, fmt: str = "any4", group_size: int | None = 128,
-                   skip=("lm_head",), calibration="default", statistic: str = "abs_mean",
-                   scale_sample_weight: bool = True, sequential: bool = False, tokenizer=None,
-                   key=None, storage_dtype: str = "bfloat16", progress: bool = True, matmul: str = "auto",
-                   method: str = "plain", act_order: bool = True, damp: float | None = None,
-                   refine_steps: int = 0, **kmeans_options):
-    """Quantize every Dense layer of ``model`` except those named in ``skip``.
-
-    Returns ``(qmodel, qparams)``: ``qmodel.apply({"params": qparams}, x)`` runs
-    the quantized model. Embeddings, norms and tied heads stay float (they are
-    not Dense layers). With ``calibration`` (see ``calibration_inputs``) each
-    layer's k-means is weighted by a per-input-channel ``statistic`` of its input
-    (``abs_mean``, ``mean_abs`` or ``rms``) from one forward pass of the float
-    model; ``sequential=True`` re-runs that pass before each layer on the
-    partially quantized model, as the original did (one pass per layer: slower).
-    ``method="gptq"`` then snaps each weight to its row's table (learned or
-    fixed) with GPTQ error feedback through the Hessian of the layer's inputs on
-    the calibration data (``gptq.gptq_quantize``; ``act_order`` orders columns
-    by it; ``damp``, default ``gptq.default_damp(fmt)``, is its damping).
-    ``method="awq"`` (fixed formats) first scales each layer's input channels
-    by its activations and folds the inverse into the op before it, then clips
-    each group's range, both searched to lower the layer's output error on the
-    calibration data (``awq.awq``); round-to-nearest then quantizes.
-    ``refine_steps > 0`` then moves each weight's LUT (anyN), scales and zeros,
-    codes fixed, to lower the layer's output error on the calibration data
-    (``refine.refine``, that many Adam steps). With either, the ``"default"``
-    calibration is ``"generated"`` (one prompt is too few tokens for a
-    Hessian). ``storage_dtype`` is the dtype of the stored LUTs, scales
-    and zeros; ``matmul`` the ``qmatmul`` path of the returned model. The fields become the
-    model's ``Recipe``; ``kmeans_options`` go to ``quantize_tensor``.
-    ``method="gptq-refine"`` is ``method="gptq"`` with ``refine_steps=40``
-    (or the ``refine_steps`` given, if > 0): the best any4 method measured here, under one name.
-    """
-    if method in PRESETS:
-        preset = PRESETS[method]
-        method, refine_steps = preset["method"], refine_steps or preset["refine_steps"]
-    elif method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; accepted: {', '.join(METHODS + tuple(PRESETS))}")
-    if method == "gptq":
-        damp = default_damp(fmt) if damp is None else damp
-    else:
-        act_order, damp = False, None
-    recipe = Recipe(fmt, group_size, storage_dtype, skip, _describe(calibration), statistic, scale_sample_weight,
-                    sequential, method, act_order, damp, refine_steps)  # arguments checked before generating
-    needs_hessians = method in ("gptq", "awq") or refine_steps > 0
-    if method == "awq":  # a model AWQ cannot fold into is refused before any work
-        scale_groups(getattr(model, "config", None), ())
-    if needs_hessians and isinstance(calibration, str) and calibration == "default":
+def prepare_calibration(recipe: Recipe, calibration, tokenizer, context: int | None = None):
+    """``(inputs, recipe)``: the calibration inputs (``calibrate.calibration_inputs``)
+    and the recipe with its ``calibration`` description. ``calibration`` is
+    ``"default"`` (the built-in prompt; for methods that fit layer outputs,
+    ``"generated"``: one prompt is too few tokens for a Hessian), ``"generated"``
+    (``assets.calibration_texts``: 8 texts written once by SmolLM2-135M-Instruct
+    and cached, tokenized by ``tokenizer``), a prompt, a list of texts, token
+    ids, or None."""
+    if recipe.needs_hessians and isinstance(calibration, str) and calibration == "default":
         calibration = "generated"
     if isinstance(calibration, str) and calibration == "generated":
+        # Fetched and written on first use, cached after: the one library use of the asset module.
+        from any4_jax.assets import CALIBRATION_GENERATOR, calibration_texts
+
         if tokenizer is None:
             raise ValueError("calibration='generated' needs the model's tokenizer (tokenizer=...)")
-        calibration = calibrate.generated_ids(model, params, tokenizer)
-        recipe = dataclasses.replace(recipe, calibration=f"generated ({calibration.shape[0]} x "
-                                                         f"{calibration.shape[1]} tokens)")
-    skip = recipe.skip
-    key = jax.random.PRNGKey(0) if key is None else key
-    inputs = calibration_inputs(calibration, tokenizer,
-                                getattr(getattr(model, "config", None), "max_position_embeddings", None))
+        ids = calibrate.batch_texts(calibration_texts(), tokenizer, context)
+        return [ids], dataclasses.replace(recipe, calibration=f"generated by {CALIBRATION_GENERATOR} "
+                                                              f"({ids.shape[0]} x {ids.shape[1]} tokens)")
+    inputs = calibrate.calibration_inputs(calibration, tokenizer, context)
+    if recipe.needs_hessians and inputs is None:
+        what = f"method={recipe.method!r}" if recipe.method != "plain" else "refine_steps > 0"
+        raise ValueError(f"{what} needs calibration data (got calibration=None)")
+    return inputs, dataclasses.replace(recipe, calibration=_describe(calibration))
 
-    if needs_hessians and inputs is None:
-        raise ValueError(f"{'method=' + repr(method) if method != 'plain' else 'refine_steps > 0'} needs calibration data "
-                         f"(got calibration=None)")
-    layers = _dense_layers(params, skip)
-    stats, hessians = {}, {}
-    if inputs is not None:
-        # One pass finds the call order and (unless sequential) every layer's statistic.
-        stats = calibrate.dense_input_statistics(model, params, inputs, statistic)
-        order = [p for p in stats if p in layers] + [p for p in layers if p not in stats]
-        if needs_hessians:
-            hessians = calibrate.dense_input_hessians(model, params, inputs)
-        if method == "awq":  # scaled and clipped float weights, then round-to-nearest below
-            mean_abs = calibrate.dense_input_statistics(model, params, inputs, "mean_abs")
-            params, hessians = awq(model.config, params, {p: h for p, h in hessians.items() if p in layers},
-                                   mean_abs, fmt, group_size, progress=progress)
+
+def quantize_layer(w, recipe: Recipe, *, statistic=None, hessian=None, key=None, mesh=None,
+                   kmeans_options: dict | None = None) -> QuantizedWeight:
+    """One ``(N, K)`` weight quantized by ``recipe``: fitted (``quantize_tensor``,
+    k-means weighted by ``statistic`` for anyN), then GPTQ and refinement where
+    the recipe asks for them and a ``hessian`` is given."""
+    r = recipe
+    fit = lambda: quantize_tensor(w, r.fmt, r.group_size, sample_weight=statistic,
+                                  scale_sample_weight=r.scale_sample_weight, key=key,
+                                  storage_dtype=r.storage_dtype, mesh=mesh, **(kmeans_options or {}))
+    if r.method == "gptq" and hessian is not None:  # anyN's LUT is fitted first; fixed tables need nothing
+        learned = get_format(r.fmt).kind == "learned"
+        qw = gptq_quantize(w, hessian, r.fmt, r.group_size, lut=fit().lut if learned else None,
+                           act_order=r.act_order, damp=r.damp, storage_dtype=r.storage_dtype)
     else:
-        order = list(layers)
+        qw = fit()
+    if r.refine_steps and hessian is not None:
+        qw = refine(qw, w, hessian, steps=r.refine_steps)
+    return qw
 
-    learned = get_format(fmt).kind == "learned"
 
-    def quantize_layer(i, path):
-        kernel = _get(params, path)["kernel"]
-        w = jnp.asarray(kernel, jnp.float32).T  # Flax (K, N) -> (N, K)
-        bad = 0 if path not in stats else int((~np.isfinite(stats[path])).sum())
-        if bad:
-            raise ValueError(f"the calibration {statistic} of {path}'s input has {bad} non-finite value(s): the "
-                             f"model's activations overflow or are NaN on the calibration input (check the float "
-                             f"model's perplexity, or pass calibration=None)")
-        fit = lambda: quantize_tensor(w, fmt, group_size, sample_weight=stats.get(path),
-                                      scale_sample_weight=scale_sample_weight, key=jax.random.fold_in(key, i),
-                                      storage_dtype=storage_dtype, **kmeans_options)
-        if method == "gptq" and path in hessians:  # anyN's LUT is fitted first; fixed tables need nothing
-            qw = gptq_quantize(w, hessians[path], fmt, group_size, lut=fit().lut if learned else None,
-                               act_order=act_order, damp=damp, storage_dtype=storage_dtype)
+@dataclasses.dataclass
+class StageResult:
+    """What ``quantize_stages`` yields for each stage: its params with quantized
+    layers, the hidden states for the next stage (None where none needs them)
+    and the index of the next layer (it seeds each layer's k-means)."""
+    index: int
+    stage: Stage
+    params: dict
+    outputs: list | None
+    next_layer: int
+
+
+def quantize_stages(model_stages: list[Stage], read: Callable, recipe: Recipe, inputs, key, *, shapes,
+                    config=None, start: int = 0, xs=None, layer: int = 0, bar=None, mesh=None,
+                    kmeans_options: dict | None = None):
+    """Yield a ``StageResult`` for each stage from ``start`` on.
+
+    ``read(stage)`` returns the stage's float params (a dict holding its keys; a
+    ``"model"`` stage: the whole tree); ``shapes`` is the model's params as
+    shapes (to know which stages have layers to quantize without reading them);
+    ``inputs`` the calibration inputs or None; ``xs`` the hidden states entering
+    stage ``start`` (None for the first); ``layer`` the index of its first layer
+    (layer i's k-means key is ``fold_in(key, i)``, as in call order over the
+    whole model). ``config``: the model's ``ModelConfig`` (AWQ folds by it).
+    """
+    skip = recipe.skip
+    todo = [bool(_dense_layers(_part(shapes, s), skip)) for s in model_stages]
+    for i in range(start, len(model_stages)):
+        stage = model_stages[i]
+        # a stage runs on the calibration inputs if it or a later one has layers to calibrate
+        runs = inputs is not None and stage.kind != "none" and any(todo[i:])
+        needs_output = runs and any(todo[i + 1:])
+        params = _copy(read(stage))
+        layers = _dense_layers(params, skip)
+        if not layers:
+            outputs = calibrate.forward(stage, params, inputs, xs) if needs_output else None
         else:
-            qw = fit()
-        if refine_steps and path in hessians:
-            qw = refine(qw, w, hessians[path], steps=refine_steps)
-        return qw
+            params, outputs, layer = _quantize_stage(stage, params, layers, recipe, inputs if runs else None, xs,
+                                                     key, layer, needs_output, config, bar, mesh, kmeans_options)
+        yield StageResult(i, stage, params, outputs, layer)
+        xs = outputs
 
+
+def _quantize_stage(stage, params, layers, recipe, inputs, xs, key, layer, needs_output, config, bar, mesh,
+                    kmeans_options):
+    r = recipe
+    cap = None
+    if inputs is not None:
+        cap = calibrate.capture(stage, params, inputs, xs, hessians=r.needs_hessians, outputs=needs_output)
+        order = [p for p in cap.order if p in layers] + [p for p in layers if p not in cap.order]
+    else:  # the same order, traced (a whole Linen model of unknown inputs: its params' order)
+        traced = [] if stage.kind == "model" else calibrate.call_order(stage, params)
+        order = [p for p in traced if p in layers] + [p for p in layers if p not in traced]
+    index = {path: layer + j for j, path in enumerate(order)}
+    stats, hessians = _calibration(cap, layers, r)
+    if r.method == "awq" and cap is not None:  # scaled and clipped float weights, then round-to-nearest
+        mean_abs = {p: s for p in layers if (s := cap.statistic(p, "mean_abs")) is not None}
+        params, hessians = awq(config, params, hessians, mean_abs, r.fmt, r.group_size)
+        layers = _dense_layers(params, r.skip)
+    quantize = functools.partial(_quantize_one, layers=layers, recipe=r, key=key, index=index, mesh=mesh,
+                                 kmeans_options=kmeans_options)
     quantized = {}
-    bar = tqdm(order, desc=f"quantizing {fmt}", unit="layer", disable=not progress)
-    if sequential:  # each layer sees the model with the layers before it quantized
-        work = jax.tree_util.tree_map(lambda x: x, params)  # float params, updated in place
-        for i, path in enumerate(bar):
-            bar.set_postfix_str(path)
-            if inputs is not None and i > 0:
-                stats = calibrate.dense_input_statistics(model, work, inputs, statistic)
-                if needs_hessians:
-                    hessians = calibrate.dense_input_hessians(model, work, inputs)
-            quantized[path] = quantize_layer(i, path)
-            layer = _get(work, path)
-            layer["kernel"] = dequantize(quantized[path], layer["kernel"].dtype).T
-    else:  # independent layers, two at a time (much of a layer's work leaves a core idle)
-        pool = ThreadPoolExecutor(2)
-        try:
-            for path, qw in zip(bar, pool.map(quantize_layer, range(len(order)), order)):
-                bar.set_postfix_str(path)
+    if r.sequential and cap is not None:  # each layer sees the stage with the layers before it quantized
+        groups = list(dict.fromkeys(cap.groups.get(p, p) for p in order))
+        for g, group in enumerate(groups):
+            if g > 0:
+                cap = calibrate.capture(stage, params, inputs, xs, hessians=r.needs_hessians, outputs=False)
+                stats, hessians = _calibration(cap, layers, r)
+            members = [p for p in order if cap.groups.get(p, p) == group]
+            for path, qw in _each(quantize, members, stats, hessians, bar):
                 quantized[path] = qw
-        finally:  # an error or an interrupt: the layers not yet started never start
-            pool.shutdown(cancel_futures=True)
-    qparams = jax.tree_util.tree_map(lambda x: x, params)
+                layers[path]["kernel"] = dequantize(qw, layers[path]["kernel"].dtype).T
+        outputs = calibrate.forward(stage, params, inputs, xs) if needs_output else None
+    else:
+        quantized = dict(_each(quantize, order, stats, hessians, bar))
+        outputs = cap.outputs if needs_output else None
     for path, qw in quantized.items():
-        _get(qparams, path)["kernel"] = qw
+        layers[path]["kernel"] = qw
+    return params, outputs, layer + len(order)
+
+
+def _calibration(cap, layers, recipe):
+    """``(statistics, hessians)`` of ``layers`` from a capture (empty without one)."""
+    if cap is None:
+        return {}, {}
+    stats = {p: s for p in layers if p in cap.sums and (s := cap.statistic(p, recipe.statistic)) is not None}
+    hessians = {p: h for p in layers if recipe.needs_hessians and p in cap.sums
+                and (h := cap.hessian(p)) is not None}
+    return stats, hessians
+
+
+def _quantize_one(path, stats, hessians, *, layers, recipe, key, index, mesh, kmeans_options):
+    w = jnp.asarray(layers[path]["kernel"], jnp.float32).T  # Flax (K, N) -> (N, K)
+    statistic = stats.get(path)
+    bad = 0 if statistic is None else int((~np.isfinite(statistic)).sum())
+    if bad:
+        raise ValueError(f"the calibration {recipe.statistic} of {path}'s input has {bad} non-finite value(s): the "
+                         f"model's activations overflow or are NaN on the calibration input (check the float "
+                         f"model's perplexity, or pass calibration=None)")
+    return quantize_layer(w, recipe, statistic=statistic, hessian=hessians.get(path),
+                          key=jax.random.fold_in(key, index[path]), mesh=mesh, kmeans_options=kmeans_options)
+
+
+def _each(quantize, paths, stats, hessians, bar):
+    """``(path, QuantizedWeight)`` for ``paths``, two layers at a time (much of a
+    layer's work leaves a core idle); results in order, whatever finishes first."""
+    pool = ThreadPoolExecutor(2)
+    try:
+        for path, qw in zip(paths, pool.map(lambda p: quantize(p, stats, hessians), paths)):
+            if bar is not None:
+                bar.set_postfix_str(path)
+                bar.update()
+            yield path, qw
+    finally:  # an error or an interrupt: the layers not yet started never start
+        pool.shutdown(cancel_futures=True)
+
+
+def quantize_model(model, params, recipe: Recipe | None = None, *, calibration="default", tokenizer=None,
+                   key=None, progress: bool = True, matmul: str = "auto", mesh=None,
+                   kmeans_options: dict | None = None, **fields):
+    """Quantize every Dense layer of ``model`` except those named in ``recipe.skip``.
+
+    ``recipe`` is a ``Recipe``, or its fields are given as keywords
+    (``fmt="any4", group_size=128, method="gptq", ...``; ``Recipe.resolve`` fills
+    in the rest). Returns ``(qmodel, qparams)``: ``qmodel.apply({"params":
+    qparams}, x)`` runs the quantized model. Embeddings, norms and tied heads stay
+    float (they are not Dense layers).
+
+    ``calibration`` (``prepare_calibration``): with it, each anyN layer's k-means
+    is weighted by a per-input-channel ``recipe.statistic`` of its input, and
+    GPTQ, AWQ and refinement fit each layer's output on it; ``recipe.sequential``
+    gives each layer the inputs of the model with the layers before it quantized.
+    ``method="gptq"`` snaps each weight to its row's table with GPTQ error
+    feedback (``gptq.gptq_quantize``); ``method="awq"`` (fixed formats) scales
+    and clips first (``awq.awq``); ``refine_steps > 0`` then moves each weight's
+    LUT (anyN), scales and zeros, codes fixed (``refine.refine``);
+    ``method="gptq-refine"`` is GPTQ then 40 refinement steps. ``key`` seeds
+    k-means (default ``PRNGKey(0)``), ``mesh`` spreads its rows over devices,
+    ``kmeans_options`` go to ``kmeans.weighted_kmeans_1d``; ``matmul`` is the
+    ``qmatmul`` path of the returned model.
+
+    A ``Transformer`` is quantized one stage (block) at a time, as
+    ``quantize_checkpoint`` does, and gets the same weights.
+    """
+    recipe = _recipe(recipe, fields)
+    config = getattr(model, "config", None)
+    if recipe.method == "awq":  # a model AWQ cannot fold into is refused before any work
+        scale_groups(config, ())
+    inputs, recipe = prepare_calibration(recipe, calibration, tokenizer, getattr(config, "max_position_embeddings",
+                                                                                 None))
+    model_stages = stages(model)
+    shapes = params if model_stages[0].kind == "model" else param_shapes(model)
+    read = lambda stage: params if stage.kind == "model" else {k: params[k] for k in stage.keys}
+    qparams = {}
+    with _layer_bar(recipe, shapes, progress) as bar:
+        for done in quantize_stages(model_stages, read, recipe, inputs, jax.random.PRNGKey(0) if key is None
+                                    else key, shapes=shapes, config=config, bar=bar, mesh=mesh,
+                                    kmeans_options=kmeans_options):
+            qparams.update(done.params)
+    qparams = {k: qparams[k] for k in params}  # the params' own order
     if hasattr(model, "dense") and hasattr(model, "clone"):
-        return model.clone(dense=QuantDenseFactory(recipe, matmul)), qparams
+        return model.clone(dense=recipe.dense(matmul)), qparams
     return QuantizedModel(model, recipe, matmul), qparams
 
 
-def quantized_weights(params) -> list[QuantizedWeight]:
-    is_q = lambda x: isinstance(x, QuantizedWeight)
-    return [x for x in jax.tree_util.tree_leaves(params, is_leaf=is_q) if is_q(x)]
+def quantize_checkpoint(source: ParamSource, out_dir, recipe: Recipe | None = None, *, calibration="default",
+                        tokenizer=None, key=None, overwrite: bool = False, resume: bool | None = None,
+                        progress: bool = True, mesh=None, kmeans_options: dict | None = None, **fields) -> dict:
+    """Quantize the float model of ``source`` (``checkpoint.open_model_dir``, or
+    ``converters.hf2flax.open_hf_dir``) into the model directory ``out_dir``,
+    one stage at a time: only one stage's params, its Hessians and the
+    calibration activations are in memory at once. Arguments as for
+    ``quantize_model``; the weights are the same.
+
+    Each finished stage is written to ``out_dir``'s work directory
+    (``checkpoint.ResumableWrite``) with what the next stage needs, so an
+    interrupted run continues from the next stage when run again with the same
+    recipe, source, calibration and key (``resume=None``; ``True``: there must
+    be one to continue; ``False``: start over); a work directory of another
+    recipe or source is refused. ``out_dir`` appears when every stage is done.
+    Returns the manifest.
+    """
+    recipe = _recipe(recipe, fields)
+    config = source.config
+    if recipe.method == "awq":
+        scale_groups(config, ())
+    model = Transformer(config, dtype=jnp.dtype(source.dtype))
+    inputs, recipe = prepare_calibration(recipe, calibration, tokenizer, config.max_position_embeddings)
+    key = jax.random.PRNGKey(0) if key is None else key
+    identity = {"recipe": recipe.to_dict(), "source": source.fingerprint, "dtype": source.dtype,
+                "calibration": None if inputs is None else _digest(inputs), "key": np.asarray(key).tolist(),
+                "kmeans_options": repr(sorted((kmeans_options or {}).items()))}
+    model_stages, shapes = stages(model), param_shapes(model)
+    with ResumableWrite(out_dir, identity, overwrite=overwrite, resume=resume, inputs=[source.path]) as work:
+        state = work.state
+        xs = None if state.get("outputs") is None else work.load_arrays("outputs", source.dtype)
+        with _layer_bar(recipe, shapes, progress, initial=state.get("layer", 0)) as bar:
+            for done in quantize_stages(model_stages, lambda s: source.read(s.keys), recipe, inputs, key, shapes=shapes,
+                                        config=config, start=state.get("stages", 0), xs=xs,
+                                        layer=state.get("layer", 0), bar=bar, mesh=mesh,
+                                        kmeans_options=kmeans_options):
+                for k in done.stage.keys:
+                    write_part(work.path / "params", k, done.params[k])
+                if done.outputs is not None:
+                    work.save_arrays("outputs", done.outputs)
+                nbytes, count = storage_totals(done.params)
+                totals = state.get("totals", [0, 0])
+                state = {"stages": done.index + 1, "layer": done.next_layer, "outputs": done.outputs is not None,
+                         "totals": [totals[0] + nbytes, totals[1] + count],
+                         "parameters": state.get("parameters", 0) + _count(done.params)}
+                work.commit(state)
+                del done
+                release_memory()
+        manifest = model_manifest(model, state["parameters"], source=source.path,
+                                  recipe=recipe, bits=bits_per_weight(totals=tuple(state["totals"])))
+        work.finish(source.hf_config, tokenizer, manifest)
+    return manifest
 
 
-def bits_per_weight(params) -> float:
-    """Stored bits per weight over the quantized layers of ``params``."""
-    qws = quantized_weights(params)
-    count = sum(q.shape[0] * q.shape[1] for q in qws)
-    return round(8 * sum(q.nbytes for q in qws) / max(count, 1), 4)
+def _recipe(recipe, fields) -> Recipe:
+    if recipe is not None and fields:
+        raise ValueError(f"pass a Recipe or its fields, not both (got recipe and {', '.join(sorted(fields))})")
+    return recipe if recipe is not None else Recipe.resolve(**fields)
 
 
-def add_arguments(p: argparse.ArgumentParser):
-    """The quantization flags, shared by ``any4 quantize`` and ``python -m converters.hf2flax``."""
-    p.add_argument("--group-size", default="128", help="32, 64, 128, 256, 512, 1024 or 'none' (one group a row)")
-    p.add_argument("--calibration", default="default",
-                   help="'default' (the built-in one-prompt calibration), 'generated' (8 x 512 tokens the "
-                        "float model writes from one-word seeds), a text FILE, or 'none'")
-    p.add_argument("--method", default="plain", choices=METHODS + tuple(PRESETS),
-                   help="plain (the paper's), gptq (error feedback through the Hessian of each layer's "
-                        "inputs), awq (fixed formats: activation-aware scaling and clipping) or gptq-refine "
-                        f"(gptq, then --refine {DEFAULT_STEPS}: the best any4 here, slowest); all but plain "
-                        "default to the 'generated' calibration")
-    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
-                   help="gptq: columns in order of decreasing Hessian diagonal (default: on)")
-    p.add_argument("--damp", type=float, default=None,
-                   help="gptq: diagonal damping as a fraction of the mean diagonal (default: 0.01, anyN 3.0)")
-    p.add_argument("--refine", type=int, nargs="?", const=DEFAULT_STEPS, default=0, metavar="STEPS",
-                   help="refine each layer's LUT, scales and zeros (codes fixed) on its output error over the "
-                        f"calibration data, STEPS Adam steps (--refine alone: {DEFAULT_STEPS}; default: off; its "
-                        "default calibration is 'generated')")
-    p.add_argument("--statistic", default="abs_mean", choices=calibrate.STATISTICS,
-                   help="per-input-channel activation statistic (default abs_mean, the paper's)")
-    p.add_argument("--sequential", action="store_true",
-                   help="re-calibrate before each layer on the partially quantized model (slower)")
-    p.add_argument("--storage-dtype", default="bfloat16", choices=STORAGE_DTYPES,
-                   help="dtype of the stored LUTs, scales and zeros (default bfloat16: ~4.25 bits/weight at G=128)")
-    p.add_argument("--seed", type=int, default=0, help="k-means seed")
-
-
-def from_arguments(args) -> dict:
-    """``quantize_model`` keyword arguments from the flags of ``add_arguments``."""
-    group = None if str(args.group_size).lower() == "none" else args.group_size
-    if group is not None and not str(group).isdigit():
-        raise ValueError(f"--group-size {group!r}: expected 32, 64, 128, 256, 512, 1024 or 'none'")
-    group = None if group is None else int(group)
-    cal = args.calibration
-    if cal.lower() == "none":
-        cal = None
-    elif cal not in ("default", "generated"):
-        path = Path(cal)
-        if not path.is_file():
-            raise FileNotFoundError(f"--calibration {cal}: not 'default', 'generated', 'none' or an existing text file")
-        try:
-            cal = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"--calibration {cal}: not a UTF-8 text file ({e.reason} at byte {e.start})") from e
-    return dict(group_size=group, calibration=cal, statistic=args.statistic, sequential=args.sequential,
-                method=args.method, act_order=args.act_order, damp=args.damp, refine_steps=args.refine,
-                storage_dtype=args.storage_dtype, key=jax.random.PRNGKey(args.seed))
+def _layer_bar(recipe, shapes, progress, initial=0):
+    total = len(_dense_layers(shapes, recipe.skip))
+    return tqdm(total=total, initial=initial, desc=f"quantizing {recipe.fmt}", unit="layer", disable=not progress)
 
 
 def _describe(calibration):
     if calibration is None or isinstance(calibration, str) and calibration == "default":
         return calibration
     if isinstance(calibration, str):
-        return calibration if calibration == "generated" else f"prompt ({len(calibration)} chars)"
-    if isinstance(calibration, (list, tuple)):
+        return f"prompt ({len(calibration)} chars)"
+    if isinstance(calibration, (list, tuple)) and all(isinstance(t, str) for t in calibration):
         return f"{len(calibration)} texts"
     return "token ids"
+
+
+def _digest(inputs) -> str:
+    h = hashlib.sha256()
+    for x in inputs:
+        h.update(np.ascontiguousarray(x, np.int32).tobytes() + str(x.shape).encode())
+    return h.hexdigest()[:16]
+
+
+def _count(tree) -> int:
+    is_q = lambda x: isinstance(x, QuantizedWeight)
+    return int(sum(x.shape[0] * x.shape[1] if is_q(x) else np.prod(x.shape)
+                   for x in jax.tree_util.tree_leaves(tree, is_leaf=is_q)))
+
+
+def _part(shapes, stage: Stage):
+    return shapes if stage.kind == "model" else {k: shapes[k] for k in stage.keys}
+
+
+def _copy(tree):
+    """New dicts, the same leaves (a stage's layers are replaced in the copy)."""
+    return {k: _copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
 
 
 def _dense_layers(params, skip) -> dict:
@@ -406,9 +393,3 @@ def _dense_layers(params, skip) -> dict:
 
     walk(params, "")
     return found
-
-
-def _get(tree, path):
-    for k in path.split("/"):
-        tree = tree[k]
-    return tree

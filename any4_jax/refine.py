@@ -24,8 +24,8 @@ import optax
 
 from any4_jax.formats import QuantizedWeight, assemble, get_format, unpack_codes
 from any4_jax.gptq import check_weight_and_hessian
+from any4_jax.recipe import REFINE_STEPS
 
-DEFAULT_STEPS = 40
 DEFAULT_LEARNING_RATE = 2e-2  # in quantization steps (LUT) and fractions of the scale (scale, zero) per step
 
 
@@ -38,7 +38,7 @@ def output_error(w, qw: QuantizedWeight, hessian) -> float:
     return float(_row_errors(w, jnp.asarray(hessian, jnp.float32), codes, *_metadata(qw), g=qw.group_size).sum())
 
 
-def refine(qw: QuantizedWeight, w, hessian, *, steps: int = DEFAULT_STEPS,
+def refine(qw: QuantizedWeight, w, hessian, *, steps: int = REFINE_STEPS,
            learning_rate: float = DEFAULT_LEARNING_RATE) -> QuantizedWeight:
     """``qw`` with its LUT (learned formats), scales and zeros refined on the
     output error of ``w (N, K)`` under ``hessian (K, K)`` (``Xᵀ X`` of the

@@ -31,7 +31,8 @@ import numpy as np
 from any4_jax import assets, load_model
 from any4_jax.generation import generate_ids
 from any4_jax.models import ModelConfig, Transformer, param_shapes
-from any4_jax.quantize import QuantDenseFactory, Recipe, quantize_model
+from any4_jax.quantize import quantize_model
+from any4_jax.recipe import QuantDenseFactory, Recipe
 from benchmarks.quality import smollm2_flax
 
 LLAMA3_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,

@@ -28,7 +28,8 @@ import jax
 
 from any4_jax import assets, load_model
 from any4_jax.evaluate import perplexity
-from any4_jax.quantize import bits_per_weight, quantize_model
+from any4_jax.quantize import quantize_model
+from any4_jax.recipe import bits_per_weight
 from converters import hf2flax
 
 # (label, quantize_model keyword arguments or None for the float model, essential?)

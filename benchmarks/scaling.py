@@ -36,7 +36,7 @@ def worker(n, rows, cols):
 
     from any4_jax import quantize_tensor
     from any4_jax.generation import decode_step
-    from any4_jax.quantize import QuantDenseFactory, Recipe
+    from any4_jax.recipe import QuantDenseFactory, Recipe
     from any4_jax.models import ModelConfig, Transformer, init_cache
     from any4_jax.sharding import make_mesh, shard_params
     from benchmarks.generate_bench import random_params

@@ -15,7 +15,8 @@ from any4_jax import assets, load_model
 from any4_jax.checkpoint import save_model
 from any4_jax.evaluate import perplexity
 from any4_jax.generation import generate_text
-from any4_jax.quantize import bits_per_weight, quantize_model
+from any4_jax.quantize import quantize_model
+from any4_jax.recipe import bits_per_weight
 from converters import hf2flax
 
 

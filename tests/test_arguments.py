@@ -65,7 +65,8 @@ def test_cli_reports_bad_numbers_as_one_error_line(smollm2_any4, capsys, argv, m
 
 
 def test_calibration_longer_than_the_context_is_chunked_with_a_warning(tiny_model):
-    from any4_jax.quantize import calibration_inputs, quantize_model
+    from any4_jax.calibrate import calibration_inputs
+    from any4_jax.quantize import quantize_model
 
     with pytest.warns(UserWarning, match="split into chunks of 256 tokens"):
         chunks = calibration_inputs(np.arange(600) % 128, None, max_len=256)
@@ -102,7 +103,7 @@ def test_debug_shows_the_traceback_and_failures_are_one_line(tmp_path, capsys):
 
 
 def test_unexpected_failures_end_in_one_line_too(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "cmd_eval", lambda args, rest: 1 / 0)
+    monkeypatch.setattr(cli, "cmd_eval", lambda args: 1 / 0)
     assert cli.main(["eval", "--model", "x"]) == 2
     err = capsys.readouterr().err
     assert err == "error: ZeroDivisionError: division by zero (rerun with --debug for the traceback)\n"

@@ -273,7 +273,7 @@ def test_model_logits_on_the_kernel_path_equal_the_xla_path(tiny_model, dtype, t
     XLA path. Tolerance of max |logit|: f32 differs by summation order; bf16 rounds
     activations between layers, so one rounding difference propagates."""
     from any4_jax import load_model, quantize_model
-    from any4_jax.quantize import QuantDenseFactory
+    from any4_jax.recipe import QuantDenseFactory
 
     _, flax_dir = tiny_model("llama")
     model, params, _ = load_model(flax_dir, dtype=dtype)

@@ -17,7 +17,8 @@ from any4_jax.calibrate import dense_input_statistics
 from any4_jax.checkpoint import CheckpointError, save_model
 from any4_jax.formats import QuantizedWeight
 from any4_jax.layers import QuantDense
-from any4_jax.quantize import quantize_model, quantized_weights
+from any4_jax.quantize import quantize_model
+from any4_jax.recipe import quantized_weights
 
 IDS = np.random.default_rng(0).integers(0, 128, size=(1, 40)).astype(np.int32)
 
@@ -229,13 +230,13 @@ def test_cli_eval_json_and_quantize(smollm2_flax, smollm2_any4, tmp_path, capsys
     assert not (tmp_path / "x").exists()
 
 
-def test_hf2flax_quantize_in_one_step(tiny_model, tmp_path):
-    from converters import hf2flax
+def test_convert_and_quantize_in_one_step(tiny_model, tmp_path):
+    from any4_jax import cli
     hf, _ = tiny_model("llama")
     from hf_models import save
     src = save(hf, tmp_path / "hf", "safetensors")
-    assert hf2flax.main(["--model", str(src), "--out", str(tmp_path / "q"), "--quantize", "nf4",
-                         "--group-size", "32", "--calibration", "none"]) == 0
+    assert cli.main(["convert", "--model", str(src), "--out", str(tmp_path / "q"), "--quantize", "nf4",
+                     "--group-size", "32", "--calibration", "none"]) == 0
     model, params, _ = load_model(tmp_path / "q", require="quantized")
     qws = quantized_weights(params)
     assert len(qws) == 14 and all(q.fmt == "nf4" and q.group_size == 32 for q in qws)
@@ -260,7 +261,7 @@ def _edit_manifest(d, edit):
 def test_manifest_records_a_versioned_recipe(saved_int4):
     d, _ = saved_int4
     manifest = json.loads((d / "manifest.json").read_text())
-    assert manifest["format_version"] == 3
+    assert manifest["format_version"] == 4
     q = manifest["quantization"]
     assert q["recipe_version"] == 3 and q["method"] == "plain" and q["fmt"] == "int4" and q["storage_dtype"] == "bfloat16"
     model, params, _ = load_model(d)
@@ -283,10 +284,22 @@ def test_a_bad_recipe_is_a_checkpoint_error_naming_it(saved_int4, edit, match):
         load_model(d)
 
 
-@pytest.mark.parametrize("version", [1, 2])
+def _as_one_checkpoint(d, params):
+    """Rewrite ``d/params`` as versions 1-3 stored it: one orbax checkpoint of the whole tree."""
+    import shutil
+
+    import orbax.checkpoint as ocp
+    shutil.rmtree(d / "params")
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save((d / "params").absolute(), params)
+    checkpointer.close()
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_checkpoints_of_earlier_format_versions_still_load(tiny_model, tmp_path, version):
-    """Versions 1-2 packed codes in pairs (element 2i in the low nibble of byte i);
-    version 1 also lacked the recipe version. They load to the same logits."""
+    """Versions 1-3 kept all params in one orbax checkpoint; 1-2 packed codes in
+    pairs (element 2i in the low nibble of byte i); version 1 also lacked the
+    recipe version. They load to the same logits."""
     from any4_jax.formats import unpack_codes
 
     _, flax_dir = tiny_model("llama")
@@ -301,8 +314,10 @@ def test_checkpoints_of_earlier_format_versions_still_load(tiny_model, tmp_path,
         c = np.pad(c, ((0, 0), (0, c.shape[1] % 2)))
         return dataclasses.replace(qw, codes=jnp.asarray((c[:, 0::2] | (c[:, 1::2] << 4)).astype(np.uint8)))
 
-    old = jax.tree_util.tree_map(to_pairs, qparams, is_leaf=lambda x: isinstance(x, QuantizedWeight))
-    save_model(tmp_path / "q", qmodel, old)
+    old = qparams if version == 3 else jax.tree_util.tree_map(to_pairs, qparams,
+                                                              is_leaf=lambda x: isinstance(x, QuantizedWeight))
+    save_model(tmp_path / "q", qmodel, qparams)
+    _as_one_checkpoint(tmp_path / "q", old)
 
     def downgrade(m):
         m["format_version"] = version

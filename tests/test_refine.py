@@ -7,7 +7,8 @@ import pytest
 
 from any4_jax import quantize_tensor
 from any4_jax.gptq import gptq_quantize
-from any4_jax.quantize import Recipe, quantize_model
+from any4_jax.quantize import quantize_model
+from any4_jax.recipe import Recipe
 from any4_jax.refine import output_error as library_output_error
 from any4_jax.refine import refine
 from conftest import codes_by_hand, correlated_inputs, layer_errors, output_error
