@@ -8,6 +8,11 @@ a row is its LUT: the fixed table of int/nf4/fp4, or the LUT any4 learned by
 weighted k-means (``formats.quantize_tensor``), so error feedback serves every
 format and writes the same ``QuantizedWeight``.
 
+The loop runs in the form QuIP calls LDLQ: column j is quantized at
+``x_j = w_j + Σ_{i<j} (w_i − q_i) B_ij`` with ``B`` from one Cholesky
+factorization of ``H`` (``_feedback``), which gives GPTQ's codes without the
+inverse of ``H`` its Cholesky form needs (docs/design.md §9).
+
 int and table formats take a group's scale and zero when the loop reaches the
 group, from the columns as the feedback has updated them (GPTQ's default); anyN
 keeps the group scales its LUT was fitted in, taken up front from the original
@@ -24,14 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from any4_jax.formats import QuantizedWeight, assemble, check_group_size, check_storage_dtype, get_format
+from any4_jax.recipe import default_damp
 
 BLOCK = 128  # columns updated lazily together (GPTQ's block size)
-
-
-def default_damp(fmt: str) -> float:
-    """GPTQ's 1% of the mean diagonal for fixed tables; 3.0 for anyN, whose
-    LUT already fits the weights (docs/design.md §9: measured on SmolLM2)."""
-    return 3.0 if get_format(fmt).kind == "learned" else 0.01
 
 
 def check_weight_and_hessian(w, hessian, shape=None):
@@ -101,6 +101,17 @@ def group_parameters(wg, valid, kind: str, bits: int):
     return s, mn + (2 ** (bits - 1) * s if kind == "learned" else 0)
 
 
+def _feedback(h):
+    """``B`` (strictly upper triangular) such that quantizing columns in order
+    with ``x = w + (w - q) B`` is GPTQ's error feedback (QuIP's LDLQ form of it):
+    with ``H = M Mᵀ``, ``M`` upper triangular (a Cholesky factorization of ``H``
+    with its rows and columns reversed), ``B = M diag(M)⁻¹ − I``. One Cholesky
+    (n³/3 flops): GPTQ's Cholesky factor of ``H⁻¹`` took an inverse besides
+    (~3 n³), the most of GPTQ's time at K = 14336."""
+    m = jnp.linalg.cholesky(h[::-1, ::-1])[::-1, ::-1]
+    return jnp.triu(m / jnp.diag(m)[None, :], k=1)
+
+
 @functools.partial(jax.jit, static_argnames=("g", "kind", "bits", "damp", "act_order", "dtype"))
 def _gptq(w, h, table, *, g, kind, bits, damp, act_order, dtype):
     n, k = w.shape
@@ -127,15 +138,24 @@ def _gptq(w, h, table, *, g, kind, bits, damp, act_order, dtype):
     # act_order: columns by decreasing diag(H), padding last
     perm = jnp.argsort(jnp.where(valid, -jnp.diag(h), jnp.inf)) if act_order else jnp.arange(kp)
     w, h, col_group, col_valid = w[:, perm], h[perm][:, perm], group_of[perm], valid[perm]
-    # upper Cholesky factor of H^-1: row i holds column i's error-feedback weights
-    u = jnp.linalg.cholesky(jnp.linalg.inv(h)).T
+    feedback = _feedback(h)
+    del h
+    if not static:  # the weights GPTQ's group scales are taken from (see below)
+        diagonal = feedback.reshape(n_groups, g, n_groups, g)[jnp.arange(n_groups), :, jnp.arange(n_groups)]
+        unit = jnp.eye(g) + diagonal  # (groups, G, G) unit upper triangular
+        refit = jax.vmap(lambda a: jax.scipy.linalg.solve_triangular(a, jnp.eye(g), lower=False,
+                                                                      unit_diagonal=True))(unit)
 
-    def column(i, state, start):
-        w1, codes, s, z, u1 = state
+    def column(i, state, start, f1):
+        w1, e1, codes, s, z = state
         j = start + i
         if not static:  # a group's scale and zero when the loop reaches its first column
             def new_group(sz):
-                cols = jax.lax.dynamic_slice_in_dim(w1, (i // g) * g, g, axis=1)
+                # GPTQ takes them from its updated weights: the best fit of the columns left given
+                # the codes chosen so far, w + (x - w)(I + B_gg)^-1 from the running x = w + e B
+                x = jax.lax.dynamic_slice_in_dim(w1, (i // g) * g, g, axis=1)
+                w0 = jax.lax.dynamic_slice_in_dim(e1, (i // g) * g, g, axis=1)
+                cols = w0 + (x - w0) @ refit[j // g]
                 ok = jax.lax.dynamic_slice_in_dim(col_valid, j, g)
                 sn, zn = group_parameters(cols, ok, kind, bits)
                 return (sz[0].at[:, j // g].set(sn.astype(dtype).astype(jnp.float32)),
@@ -143,28 +163,26 @@ def _gptq(w, h, table, *, g, kind, bits, damp, act_order, dtype):
 
             s, z = jax.lax.cond(j % g == 0, new_group, lambda sz: sz, (s, z))
         sc, ze = s[:, col_group[j]], z[:, col_group[j]]
-        x = w1[:, i]
-        target = (x - ze) / jnp.where(sc > 0, sc, 1.0)
+        target = (w1[:, i] - ze) / jnp.where(sc > 0, sc, 1.0)
         code = jnp.argmin(jnp.abs(table - target[:, None]), axis=1)
         q = jnp.take_along_axis(table, code[:, None], axis=1)[:, 0] * sc + ze
-        err = (x - q) / u1[i, i]
-        w1 = w1 - err[:, None] * u1[i][None, :]  # row i of an upper factor: zero left of i
-        return w1.at[:, i].set(err), codes.at[:, j].set(code.astype(jnp.uint8)), s, z, u1
+        err = e1[:, i] - q  # e1 holds the block's original weights until each column's turn
+        w1 = w1 + err[:, None] * f1[i][None, :]  # strictly upper: reaches the later columns only
+        return w1, e1.at[:, i].set(err), codes.at[:, j].set(code.astype(jnp.uint8)), s, z
 
     def run_block(b, state):
-        w, codes, s, z = state
+        e, codes, s, z = state
         start = b * block
-        w1 = jax.lax.dynamic_slice_in_dim(w, start, block, axis=1)
-        u1 = jax.lax.dynamic_slice(u, (start, start), (block, block))
-        err1, codes, s, z, _ = jax.lax.fori_loop(
-            0, block, functools.partial(column, start=start), (w1, codes, s, z, u1))
-        # the block's errors reach the columns after it (lazy batch update)
-        later = jnp.arange(kp) >= start + block
-        w = w - jnp.where(later[None], err1 @ jax.lax.dynamic_slice_in_dim(u, start, block, axis=0), 0.0)
-        return w, codes, s, z
+        w0 = jax.lax.dynamic_slice_in_dim(w, start, block, axis=1)
+        # x = w + e B: the errors of every column before the block reach it in one product
+        w1 = w0 + e @ jax.lax.dynamic_slice_in_dim(feedback, start, block, axis=1)
+        f1 = jax.lax.dynamic_slice(feedback, (start, start), (block, block))
+        w1, e1, codes, s, z = jax.lax.fori_loop(
+            0, block, functools.partial(column, start=start, f1=f1), (w1, w0, codes, s, z))
+        return jax.lax.dynamic_update_slice_in_dim(e, e1, start, axis=1), codes, s, z
 
     codes = jnp.zeros((n, kp), jnp.uint8)
-    _, codes, s, z = jax.lax.fori_loop(0, kp // block, run_block, (w, codes, s0, z0))
+    _, codes, s, z = jax.lax.fori_loop(0, kp // block, run_block, (jnp.zeros_like(w), codes, s0, z0))
     codes = codes[:, jnp.argsort(perm)][:, :k]
     n_real = -(-k // g)
     return codes, s[:, :n_real], z[:, :n_real]
