@@ -21,13 +21,12 @@ from any4_jax.checkpoint import check_output_dir, load_model, load_tokenizer, op
 from any4_jax.evaluate import perplexity
 from any4_jax.formats import FORMATS, STORAGE_DTYPES
 from any4_jax.generation import generate, generate_text
-from any4_jax.layers import MATMUL_PATHS
+from any4_jax.layers import MATMUL_ENV, MATMUL_PATHS
 from any4_jax.recipe import METHODS, PRESETS, REFINE_STEPS, STATISTICS, Recipe, bits_per_weight
 from any4_jax.sharding import make_mesh
 from converters import hf2flax, run_command
 
 DEMO_FORMATS = ("int4", "fp4", "nf4", "any4")
-MATMUL_ENV = "ANY4_JAX_MATMUL"
 
 
 def matmul_from_env() -> str:

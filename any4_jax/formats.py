@@ -4,7 +4,7 @@
 
 Storage (``QuantizedWeight``):
   * ``codes``  ``(N, packed_columns(K))`` uint8: two 4-bit codes a byte, in
-    blocks of 64 elements laid out for the GPU kernel (``pallas_kernels.lut_matmul``
+    blocks of 64 elements laid out for the kernels (``pallas_kernels.layout``
     defines the order; ``pack_codes`` / ``unpack_codes`` convert). 2- and 3-bit
     codes use the same 4-bit containers (one layout, one kernel);
     ``bits_per_weight`` counts the storage actually used, so it is honest about that.
@@ -35,7 +35,7 @@ import numpy as np
 
 from any4_jax import kmeans
 from any4_jax.tables import FP4_TABLE, NF4_TABLE
-from pallas_kernels.lut_matmul import pack_codes, packed_columns, unpack_codes
+from pallas_kernels.layout import pack_codes, packed_columns, unpack_codes
 
 
 @dataclasses.dataclass(frozen=True)

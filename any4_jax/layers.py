@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import functools
+import re
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import flax.linen as nn
@@ -12,9 +16,11 @@ from jax.sharding import PartitionSpec as P
 
 from any4_jax.formats import QuantizedWeight, dequantize
 from pallas_kernels import cpu
-from pallas_kernels.lut_matmul import CODE_BLOCK, low_nibble_elements, lut_matmul, packed_columns
+from pallas_kernels.layout import CODE_BLOCK, low_nibble_elements, packed_columns
+from pallas_kernels.lut_matmul import block_sizes, lut_matmul, self_check
 
 MATMUL_PATHS = ("auto", "kernel", "cpu", "xla")
+MATMUL_ENV = "ANY4_JAX_MATMUL"  # read by the command line only (any4_jax.cli)
 PARALLEL = (None, "column", "row")
 # Largest M for which "auto" takes the CPU kernel and "xla" the fused reduction;
 # above, dequantize + dot. Both picked from ``python -m benchmarks.cpu_matmul_bench``
@@ -29,16 +35,59 @@ def check_matmul_path(path: str) -> str:
     return path
 
 
-def choose_matmul(path: str, m: int, qw: QuantizedWeight, sharded: bool = False) -> str:
-    """What computes ``qmatmul`` for ``m`` rows of x: ``"kernel"`` (Pallas),
-    ``"cpu"`` (the CPU kernel), ``"fused"`` or ``"dequantize"`` (XLA).
+def kernel_offered() -> bool:
+    """Whether ``"auto"`` may use the Pallas kernel here: an NVIDIA GPU of compute
+    capability 8.0 or newer (its MMAs and PTX need it; ROCm and older GPUs take XLA)."""
+    if jax.default_backend() != "gpu":
+        return False
+    device = jax.devices()[0]
+    cc = re.fullmatch(r"(\d+)\.(\d+)", str(getattr(device, "compute_capability", "")))
+    return "nvidia" in device.device_kind.lower() + str(getattr(device.client, "platform_version", "")).lower() \
+        and cc is not None and int(cc.group(1)) >= 8
+
+
+_KERNEL_FAILURE: list = []  # the first failed self-check of this process: "auto" takes XLA after it
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_verified(x_dtype: str, param_dtype: str, bits: int, group_size: int, k: int, blocks) -> bool:
+    """Whether the kernel passed ``lut_matmul.self_check`` for this configuration
+    (run once a process and configuration; compiled on a GPU, else in interpret
+    mode). The first failure warns, once, and every later answer is False."""
+    if _KERNEL_FAILURE:
+        return False
+    # In a thread of its own: JAX's trace state is per thread, so the check runs now even
+    # when a model that calls this is being traced.
+    with ThreadPoolExecutor(1) as pool:
+        failure = pool.submit(self_check, x_dtype, param_dtype, bits, group_size, k, blocks,
+                              interpret=jax.default_backend() != "gpu").result()
+    if failure:
+        _KERNEL_FAILURE.append(failure)
+        warnings.warn(f"the Pallas LUT kernel failed its self-check on {jax.devices()[0].device_kind} ({failure}); "
+                      f"quantized layers use XLA instead (slower). {MATMUL_ENV}=xla silences this, "
+                      f"{MATMUL_ENV}=kernel uses the kernel anyway", RuntimeWarning, stacklevel=2)
+    return not failure
+
+
+def choose_matmul(path: str, m: int, qw: QuantizedWeight, sharded: bool = False, x_dtype=None) -> str:
+    """What computes ``qmatmul`` for ``m`` rows of x (of ``x_dtype``, default the
+    weight's storage dtype): ``"kernel"`` (Pallas), ``"cpu"`` (the CPU kernel),
+    ``"fused"`` or ``"dequantize"`` (XLA). ``"auto"`` takes the Pallas kernel only
+    where it is offered (``kernel_offered``) and passed its self-check for the
+    configuration (``kernel_verified``); ``"kernel"`` takes it without a check.
     ``sharded``: on a mesh, where on a CPU ``"auto"`` and ``"xla"`` take
     dequantize + dot, which XLA partitions well (CPU devices of one machine share
     its cores; per-shard kernels and the fused reduction measured slower there,
     ``benchmarks/scaling.py``)."""
     check_matmul_path(path)
-    if path == "kernel" or (path == "auto" and jax.default_backend() == "gpu"):
+    if path == "kernel":
         return "kernel"
+    if path == "auto" and kernel_offered():
+        n, k = qw.shape
+        x_dtype = jnp.dtype(x_dtype or qw.lut.dtype)
+        if kernel_verified(x_dtype.name, jnp.dtype(qw.lut.dtype).name, qw.bits, qw.group_size, k,
+                           block_sizes(m, n, k, qw.group_size, qw.bits)):
+            return "kernel"
     if sharded and path in ("auto", "xla"):
         return "dequantize"
     whole_bytes = _group_bytes(qw) is not None  # what the CPU kernel and the fused sum take
@@ -49,7 +98,8 @@ def choose_matmul(path: str, m: int, qw: QuantizedWeight, sharded: bool = False)
         if not cpu.available():
             raise RuntimeError("the CPU kernel could not be built (see the warning above); use path='xla'")
         return "cpu"
-    if path == "auto" and m <= CPU_KERNEL_MAX_M and whole_bytes and cpu.available():
+    on_cpu = jax.default_backend() == "cpu"
+    if path == "auto" and on_cpu and m <= CPU_KERNEL_MAX_M and whole_bytes and cpu.available():
         return "cpu"
     return "fused" if m <= FUSED_MAX_M and whole_bytes else "dequantize"
 
@@ -67,7 +117,7 @@ def qmatmul(x, qw: QuantizedWeight, *, path: str = "auto", **kernel_options):
     n, k = qw.shape
     if x.shape[-1] != k:
         raise ValueError(f"input has {x.shape[-1]} features; the quantized weight {qw.shape} expects K = {k}")
-    return _run(x, qw, choose_matmul(path, x.size // k, qw), **kernel_options)
+    return _run(x, qw, choose_matmul(path, x.size // k, qw, x_dtype=x.dtype), **kernel_options)
 
 
 def _run(x, qw: QuantizedWeight, how: str, **kernel_options):
@@ -180,7 +230,7 @@ def quantized_dense(x, qw: QuantizedWeight, bias=None, *, dtype=None, path: str 
     ``x.dtype``), ``qmatmul`` (per shard on a mesh with the kernel path), add ``bias``."""
     dtype = dtype or x.dtype
     x = x.astype(dtype)
-    how = choose_matmul(path, x.size // x.shape[-1], qw, sharded=mesh is not None)
+    how = choose_matmul(path, x.size // x.shape[-1], qw, sharded=mesh is not None, x_dtype=dtype)
     if mesh is not None and parallel is not None and how in ("kernel", "cpu"):
         y = per_shard_qmatmul(x, qw, mesh, parallel, how)
     else:

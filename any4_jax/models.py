@@ -31,10 +31,68 @@ PARALLEL = {"q_proj": "column", "k_proj": "column", "v_proj": "column", "o_proj"
             "w1": "column", "w3": "column", "w2": "row", "lm_head": "column", "gate": None}
 
 
+# Output features a product computes at a time (an LLM's head: 128k): XLA on a CPU converts
+# 16-bit weights to float32 for a product, and a whole Llama-3 head would be 1-2 GB at once.
+DOT_CHUNK = 16384
+
+
+def dot_in_chunks(x, w, *, transposed: bool = False):
+    """``x @ w`` (``w (K, N)``), or ``x @ w.T`` for ``transposed`` (``w (N, K)``,
+    an embedding table), ``DOT_CHUNK`` output features at a time when N is
+    larger; the same dtype rules as ``jnp.dot``. Each output element is the one
+    dot product it would be unchunked."""
+    n = w.shape[0] if transposed else w.shape[1]
+    spec = (((x.ndim - 1,), (1 if transposed else 0,)), ((), ()))
+    if n <= DOT_CHUNK:
+        return jax.lax.dot_general(x, w, spec)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    spec = (((1,), (1 if transposed else 0,)), ((), ()))
+
+    # Sliced as raw 16-bit integers: XLA's CPU backend computes bf16/f16 slices in float32,
+    # converting all of w once, before the loop.
+    raw = jax.lax.bitcast_convert_type(w, jnp.uint16) if w.dtype.itemsize == 2 else w
+
+    def chunk(i, out):  # the last chunk overlaps the one before: same values, no padded copy of w
+        start = jnp.minimum(i * DOT_CHUNK, n - DOT_CHUNK)
+        part = jax.lax.dynamic_slice_in_dim(raw, start, DOT_CHUNK, axis=0 if transposed else 1)
+        part = jax.lax.bitcast_convert_type(part, w.dtype)
+        return jax.lax.dynamic_update_slice_in_dim(out, jax.lax.dot_general(x2, part, spec), start, axis=1)
+
+    out = jnp.zeros((x2.shape[0], n), jnp.result_type(x, w))
+    return jax.lax.fori_loop(0, -(-n // DOT_CHUNK), chunk, out).reshape(*lead, n)
+
+
+class Dense(nn.Dense):
+    """``nn.Dense`` (same parameters, same result) whose product runs
+    ``DOT_CHUNK`` output features at a time (``dot_in_chunks``)."""
+
+    @nn.compact
+    def __call__(self, inputs):
+        kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        y = dot_in_chunks(inputs, kernel)
+        return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+
+
+class Embed(nn.Embed):
+    """``nn.Embed`` (same parameter, same result) that reads its rows as raw
+    16-bit integers: XLA's CPU backend gathers bf16/f16 rows in float32,
+    converting the whole table first (1 GB for Llama-3.2-1B's, in every step)."""
+
+    def __call__(self, inputs):
+        (table,) = nn.dtypes.promote_dtype(self.embedding, dtype=self.dtype, inexact=False)
+        if jnp.dtype(table.dtype).itemsize != 2:
+            return jnp.take(table, inputs, axis=0)
+        rows = jnp.take(jax.lax.bitcast_convert_type(table, jnp.uint16), inputs, axis=0)
+        return jax.lax.bitcast_convert_type(rows, table.dtype)
+
+
 def float_dense(features, *, use_bias=True, dtype=None, name=None, parallel=None):
-    """The default ``dense`` factory: a plain ``nn.Dense`` (``parallel`` is only
-    used by the partition rules, which read it from ``PARALLEL``)."""
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name)
+    """The default ``dense`` factory: ``Dense``, an ``nn.Dense`` (``parallel`` is
+    only used by the partition rules, which read it from ``PARALLEL``)."""
+    return Dense(features, use_bias=use_bias, dtype=dtype, name=name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,7 +335,7 @@ class Transformer(nn.Module):
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
         c = self.config
         b, t = input_ids.shape
-        embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, name="embed_tokens")
+        embed = Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, name="embed_tokens")
         x = embed(input_ids)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
@@ -300,7 +358,8 @@ class Transformer(nn.Module):
             new_layers.append(kv)
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(x)
         if c.tie_word_embeddings:
-            logits = embed.attend(x)
+            query, table = nn.dtypes.promote_dtype(x, embed.embedding, dtype=self.dtype)  # as embed.attend
+            logits = dot_in_chunks(query, table, transposed=True)
         else:
             logits = self.dense(c.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head",
                                 parallel=PARALLEL["lm_head"])(x)
@@ -372,7 +431,7 @@ def stages(model) -> list[Stage]:
     block = DecoderLayer(c, model.dense, model.dtype)
     final = (Stage(("norm",), "none") if c.tie_word_embeddings
              else Stage(("norm", "lm_head"), "head", Head(c, model.dense, model.dtype)))
-    return ([Stage(("embed_tokens",), "embed", nn.Embed(c.vocab_size, c.hidden_size, dtype=model.dtype))]
+    return ([Stage(("embed_tokens",), "embed", Embed(c.vocab_size, c.hidden_size, dtype=model.dtype))]
             + [Stage((f"layers_{i}",), "block", block) for i in range(c.num_hidden_layers)] + [final])
 
 

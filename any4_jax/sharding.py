@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from any4_jax.formats import QuantizedWeight
 from any4_jax.models import PARALLEL
-from pallas_kernels.lut_matmul import CODE_BLOCK
+from pallas_kernels.layout import CODE_BLOCK
 
 DATA, MODEL = "data", "model"
 

@@ -67,7 +67,7 @@ def main():
             if best is None or t < best[0]:
                 best = (t, cfg)
         if best:
-            table[lm._tuned_key(m, n, k, 128, 4)] = best[1]
+            table[lm.tuned_key(m, n, k, 128, 4)] = best[1]
             print(f"M={m} {k}->{n}: {best[0] * 1e6:.1f} us with {best[1]}", flush=True)
             TUNED_FILE.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
 

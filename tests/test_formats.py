@@ -268,7 +268,7 @@ def test_packed_bytes_match_a_hand_packed_block():
     """The byte layout written out by hand: byte j of a 64-code block holds code
     32h + 4w + 2p in its low nibble and the next code in its high nibble, with
     w = j // 4, h = (j // 2) % 2, p = j % 2; K past the last block is zero-padded."""
-    from pallas_kernels.lut_matmul import pack_codes
+    from pallas_kernels.layout import pack_codes
     codes = (np.arange(2 * 70) * 7 % 16).reshape(2, 70).astype(np.uint8)  # two rows, 70 codes
     expected = np.zeros((2, 64), np.uint8)
     for row in range(2):

@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -136,3 +137,29 @@ def test_load_model_rejects_a_non_model_dir(tmp_path):
     from any4_jax.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match="manifest.json is missing"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_a_large_head_and_embedding_never_copy_their_table_to_float32(monkeypatch, dtype):
+    """The product of a head of more than DOT_CHUNK outputs runs a chunk at a time
+    and the embedding reads rows as raw 16-bit integers: the compiled program holds
+    no float32 copy of a 16-bit table (XLA's CPU backend would make one, 1-2 GB for
+    a Llama-3 head), and the results are those of the plain product and lookup."""
+    import re
+
+    from any4_jax import models
+    monkeypatch.setattr(models, "DOT_CHUNK", 256)
+    rng = np.random.default_rng(0)
+    table = jnp.asarray(rng.standard_normal((1000, 64)), dtype)  # 1000 = 3 x 256 + an overlapping 4th
+    x = jnp.asarray(rng.standard_normal((3, 5, 64)), dtype)
+    head = jax.jit(lambda t, x: models.dot_in_chunks(x, t, transposed=True))
+    np.testing.assert_allclose(np.asarray(head(table, x), np.float32), np.asarray(jnp.dot(x, table.T), np.float32),
+                               rtol=1e-2 if dtype == jnp.bfloat16 else 1e-6, atol=1e-5)
+    ids = jnp.asarray(rng.integers(0, 1000, (2, 7)))
+    embed = models.Embed(1000, 64, dtype=dtype)
+    np.testing.assert_array_equal(np.asarray(embed.apply({"params": {"embedding": table}}, ids), np.float32),
+                                  np.asarray(table[ids], np.float32))
+    if dtype == jnp.bfloat16:
+        for f, args in ((head, (table, x)), (jax.jit(lambda t, i: embed.apply({"params": {"embedding": t}}, i)),
+                                             (table, ids))):
+            assert not re.search(r"f32\[1000,64\]", f.lower(*args).compile().as_text())
