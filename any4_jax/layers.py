@@ -22,10 +22,11 @@ from pallas_kernels.lut_matmul import block_sizes, lut_matmul, self_check
 MATMUL_PATHS = ("auto", "kernel", "cpu", "xla")
 MATMUL_ENV = "ANY4_JAX_MATMUL"  # read by the command line only (any4_jax.cli)
 PARALLEL = (None, "column", "row")
-# Largest M for which "auto" takes the CPU kernel and "xla" the fused reduction;
-# above, dequantize + dot. Both picked from ``python -m benchmarks.cpu_matmul_bench``
-# (docs/design.md §5).
+# Largest M for which "auto" takes the CPU kernel (its AVX2 / AVX-512 build, and its
+# plain loop on a CPU without them) and "xla" the fused reduction; above, dequantize +
+# dot. Picked from ``python -m benchmarks.cpu_matmul_bench`` (docs/design.md §5).
 CPU_KERNEL_MAX_M = 64
+PLAIN_KERNEL_MAX_M = 0
 FUSED_MAX_M = 8
 
 
@@ -98,9 +99,9 @@ def choose_matmul(path: str, m: int, qw: QuantizedWeight, sharded: bool = False,
         if not cpu.available():
             raise RuntimeError("the CPU kernel could not be built (see the warning above); use path='xla'")
         return "cpu"
-    on_cpu = jax.default_backend() == "cpu"
-    if path == "auto" and on_cpu and m <= CPU_KERNEL_MAX_M and whole_bytes and cpu.available():
-        return "cpu"
+    if path == "auto" and jax.default_backend() == "cpu" and whole_bytes and cpu.available():
+        if m <= (PLAIN_KERNEL_MAX_M if cpu.isa() == "scalar" else CPU_KERNEL_MAX_M):
+            return "cpu"
     return "fused" if m <= FUSED_MAX_M and whole_bytes else "dequantize"
 
 

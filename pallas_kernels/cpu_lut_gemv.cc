@@ -5,7 +5,7 @@
 //
 //   W[n, k] = lut[n, code[n, k]] * scales[n, g(k)] + zeros[n, g(k)]
 //
-// The codes stay packed (pallas_kernels/lut_matmul.py: 64-element blocks of 32
+// The codes stay packed (pallas_kernels/layout.py: 64-element blocks of 32
 // bytes; byte j of a block holds element 32*h + 4*w + 2*p in its low nibble and
 // the next element in its high nibble, w = j / 4, h = (j / 2) % 2, p = j % 2).
 // x is permuted into that order once per call, so the inner loop is: widen 16
@@ -252,8 +252,9 @@ ffi::Error LutGemv(ffi::ThreadPool pool, Floats x, Bytes codes, ffi::AnyBuffer l
 
   // Waking the pool costs tens of microseconds: split only work that takes longer.
   const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
-  const int64_t tasks = !use_pool || m * n * p < kMinParallelBytes ? 1
-                                                                  : std::min({pool.num_threads() + 1, cores, n / 16});
+  const int64_t tasks = !use_pool || m * n * p < kMinParallelBytes
+                            ? 1
+                            : std::max<int64_t>(1, std::min({pool.num_threads() + 1, cores, n / 16}));  // n < 16: 1
   if (tasks == 1) {
     Block(a, 0, n);
     return ffi::Error::Success();
@@ -284,6 +285,17 @@ ffi::Error LutGemv(ffi::ThreadPool pool, Floats x, Bytes codes, ffi::AnyBuffer l
 }
 
 }  // namespace
+
+// The instruction set this build's inner loop uses: 2 = AVX-512, 1 = AVX2, 0 = the plain loop.
+extern "C" int Any4LutGemvIsa() {
+#if defined(__AVX512F__)
+  return 2;
+#elif defined(__AVX2__)
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Any4LutGemv, LutGemv,
                               ffi::Ffi::Bind()

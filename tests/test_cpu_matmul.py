@@ -2,9 +2,9 @@
 AVX-512, AVX2 and scalar builds) and XLA's fused reduction and dequantize + dot,
 against a float64 numpy formula that decodes the packed bytes by hand."""
 
-import ctypes
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import jax
@@ -78,32 +78,86 @@ def test_cpu_kernel_takes_leading_dims_and_bf16_x(rng):
     close(y.reshape(6, 100), reference(x.reshape(6, 576), qw), rtol=8e-3)  # one bf16 rounding of y
 
 
-@pytest.mark.parametrize("flags", [["-march=native", "-mno-avx512f"], ["-march=x86-64"]], ids=["avx2", "scalar"])
-def test_other_instruction_sets_match_reference(rng, flags, tmp_path):
-    """The AVX2 and the plain C++ loops, built here as another FFI target."""
-    compiler = cpu._compiler()
-    if compiler is None:
-        pytest.skip("no C++ compiler on this machine")
-    if "-mno-avx512f" in flags and "avx2" not in cpu._cpu_id():
+X86 = cpu.platform.machine() in ("x86_64", "AMD64")
+BUILDS = [pytest.param(("-march=native", "-mno-avx512f"), "avx2", id="avx2",
+                       marks=pytest.mark.skipif(not X86, reason="an x86 build")),
+          pytest.param(None, "scalar", id="plain loop")]
+
+
+@needs_kernel
+@pytest.mark.parametrize("march, isa", BUILDS)
+def test_other_instruction_sets_match_reference(rng, march, isa):
+    """The AVX2 and the plain loops, built here as other FFI targets (the plain one
+    for the machine's baseline: x86-64 or armv8-a), and the instruction set each says it has."""
+    if isa == "avx2" and "avx2" not in cpu.cpu_id():
         pytest.skip("this CPU has no AVX2")
-    lib = tmp_path / "lib.so"
-    subprocess.run([compiler, "-O2", *flags, "-std=c++17", "-shared", "-fPIC", "-w",
-                    f"-I{jax.ffi.include_dir()}", str(cpu.resources.files("pallas_kernels") / cpu.SOURCE),
-                    "-o", str(lib)], check=True)
-    target = "any4_test_" + flags[-1].replace("-", "_").replace("=", "_")
-    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(ctypes.cdll.LoadLibrary(str(lib)).Any4LutGemv),
-                                platform="cpu")
-    for m, k, n, g, bits, storage in CASES:
+    flags = cpu.plain_flags() if march is None else tuple(f for f in cpu.FLAGS if f != "-march=native") + march
+    target = f"any4_test_{isa}"
+    assert cpu.isa_of(cpu.register(flags, target)) == isa
+    for m, k, n, g, bits, storage in CASES + THREADED:
         x, qw = make(rng, m, k, n, g, bits, storage)
-        y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32))(
-            x, qw.codes, qw.lut, qw.scales, qw.zeros, group_size=np.int64(qw.group_size), use_pool=np.int64(1))
-        close(y, reference(x, qw))
+        close(cpu.lut_gemv(x, qw.codes, qw.lut, qw.scales, qw.zeros, group_size=qw.group_size, target=target),
+              reference(x, qw))
+
+
+# Big enough for the threaded path (M x N x code bytes >= 1 MiB), with fewer than 16 rows of W:
+# a row count below one task's share once divided by zero (SIGFPE) there.
+THREADED = [(64, 4096, 8, 128, 4, "bfloat16"), (64, 4096, 15, 128, 4, "float16"), (64, 32768, 1, 128, 4, "bfloat16"),
+            (40, 4096, 17, None, 4, "float32")]
+
+
+@needs_kernel
+@pytest.mark.parametrize("m, k, n, g, bits, storage", THREADED)
+def test_threaded_path_with_few_rows(rng, m, k, n, g, bits, storage):
+    """In a child process (a crash must fail the test, not end the session)."""
+    code = (f"import numpy as np, jax.numpy as jnp; from any4_jax import quantize_tensor, qmatmul\n"
+            f"rng = np.random.default_rng(0); w = (rng.standard_normal(({n}, {k})) * 0.02).astype(np.float32)\n"
+            f"q = quantize_tensor(w, 'any4', {g}, n_init=1, storage_dtype='{storage}')\n"
+            f"x = jnp.asarray(rng.standard_normal(({m}, {k})), jnp.float32)\n"
+            f"np.save('out.npy', np.asarray(qmatmul(x, q, path='cpu'))); np.save('x.npy', np.asarray(x))\n"
+            f"import pickle; pickle.dump(q, open('q.pkl', 'wb'))\n")
+    import os, pickle, tempfile
+    with tempfile.TemporaryDirectory() as d:
+        r = subprocess.run([sys.executable, "-c", code], cwd=d, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-1500:]}"
+        y, x, qw = np.load(f"{d}/out.npy"), np.load(f"{d}/x.npy"), pickle.load(open(f"{d}/q.pkl", "rb"))
+    close(y, reference(x, qw))
+
+
+def test_the_build_key_changes_with_the_cpu_flags_and_compiler(monkeypatch, tmp_path):
+    """A cached build is only taken for the same source, jaxlib, compiler, flags and
+    CPU; the CPU identity names the machine and its features on x86 and Arm."""
+    ident = cpu.cpu_id()
+    assert ident.splitlines()[0] == cpu.platform.machine() and len(ident.splitlines()) >= 2
+    built = []
+    monkeypatch.setattr(cpu, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(cpu.subprocess, "run", lambda cmd, **kw: built.append(cmd) or types.SimpleNamespace(
+        returncode=1, stdout="c++ 1.0", stderr="stop here"))
+    names = set()
+    for change in ({}, {"flags": cpu.plain_flags()}, {"compiler": "/usr/bin/other-c++"}, {"cpu": "another cpu"}):
+        monkeypatch.setattr(cpu, "cpu_id", lambda: change.get("cpu", ident))
+        with pytest.raises(RuntimeError, match="stop here"):
+            cpu.build(change.get("compiler", "/usr/bin/c++"), flags=change.get("flags", cpu.FLAGS))
+        names.add(built[-1][built[-1].index("-o") + 1].rsplit("/", 1)[-1])
+    assert len(names) == 4, names
+
+
+def test_a_compile_that_hangs_is_given_up(monkeypatch, tmp_path):
+    def hang(cmd, **kw):
+        if "--version" in cmd:
+            return types.SimpleNamespace(returncode=0, stdout="c++ 1.0", stderr="")
+        raise subprocess.TimeoutExpired(cmd, kw["timeout"])
+    monkeypatch.setattr(cpu, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(cpu.subprocess, "run", hang)
+    with pytest.raises(RuntimeError, match=f"took over {cpu.COMPILE_TIMEOUT_S} s"):
+        cpu.build("/usr/bin/c++")
 
 
 def test_auto_picks_by_rows_and_group_size(rng):
     _, qw = make(rng, 1, 256, 8, 128, 4, "bfloat16")
     _, qw32 = make(rng, 1, 256, 8, 32, 4, "bfloat16")
-    small = "cpu" if cpu.available() else "fused"
+    small = "cpu" if cpu.available() and cpu.isa() != "scalar" else "fused"
     assert choose_matmul("auto", 1, qw) == choose_matmul("auto", layers.CPU_KERNEL_MAX_M, qw) == small
     assert choose_matmul("auto", layers.CPU_KERNEL_MAX_M + 1, qw) == "dequantize"
     assert choose_matmul("auto", 1, qw32) == "dequantize"  # G = 32: neither the kernel nor the fused sum
