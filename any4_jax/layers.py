@@ -26,7 +26,7 @@ PARALLEL = (None, "column", "row")
 # plain loop on a CPU without them) and "xla" the fused reduction; above, dequantize +
 # dot. Picked from ``python -m benchmarks.cpu_matmul_bench`` (docs/design.md §5).
 CPU_KERNEL_MAX_M = 64
-PLAIN_KERNEL_MAX_M = 0
+PLAIN_KERNEL_MAX_M = 16
 FUSED_MAX_M = 8
 
 

@@ -1,10 +1,11 @@
 """Fill pallas_kernels/tuned_blocks.json: the fastest block configuration per shape, on a GPU.
 
-    python -m benchmarks.tune_lut_matmul [--m 1 16] [--budget-s 240]
+    python -m benchmarks.tune_lut_matmul [--m 1 16] [--budget-s 240] [--out FILE]
 
 For each (M, K -> N) of the benchmark shapes (any4, G = 128, default lookup),
 times a sample of block_m / block_n / block_k / num_warps / num_stages and keeps
-the fastest that matches the reference. Merges into the existing table; stops
+the fastest that matches the reference. Merges into the package's table and writes
+the result to ``--out`` (default: the package's own ``tuned_blocks.json``); stops
 trying new shapes when the time budget is spent.
 """
 
@@ -37,6 +38,7 @@ def main():
     p.add_argument("--m", type=int, nargs="+", default=[1, 16])
     p.add_argument("--budget-s", type=float, default=240)
     p.add_argument("--max-candidates", type=int, default=40, help="random sample of the grid per shape")
+    p.add_argument("--out", default=str(TUNED_FILE), help="where the merged table goes")
     args = p.parse_args()
     if jax.devices()[0].platform != "gpu":
         raise SystemExit("tuning needs a GPU")
@@ -69,7 +71,7 @@ def main():
         if best:
             table[lm.tuned_key(m, n, k, 128, 4)] = best[1]
             print(f"M={m} {k}->{n}: {best[0] * 1e6:.1f} us with {best[1]}", flush=True)
-            TUNED_FILE.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+            Path(args.out).write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

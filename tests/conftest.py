@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 
@@ -68,6 +70,16 @@ def layer_errors(params, base, other, hessians) -> dict:
         w = np.asarray(get(params)).T
         out[path] = (output_error(w, get(base), h), output_error(w, get(other), h))
     return out
+
+
+@pytest.fixture(autouse=True)
+def _broken_kernel_when_asked(monkeypatch):
+    """``scripts/gpu_check.sh --break-kernel``: every Pallas kernel output is off by
+    one, so that the check can be seen to fail."""
+    if os.environ.get("ANY4_JAX_TEST_BREAK_KERNEL"):
+        from pallas_kernels import lut_matmul as lm
+        real = lm._pallas_call
+        monkeypatch.setattr(lm, "_pallas_call", lambda *args, **kwargs: real(*args, **kwargs) + 1)
 
 
 @pytest.fixture

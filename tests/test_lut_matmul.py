@@ -211,21 +211,14 @@ def _lower_for_cuda(f, *shapes):
 
 
 def _can_lower_for_cuda():
-    """Whether this jax lowers Pallas for CUDA without a GPU, judged on a trivial
-    kernel that is known to lower (so that a failure of *our* kernel fails)."""
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as pltr
-
-    def add_one(x_ref, o_ref):
-        o_ref[...] = x_ref[...] + 1.0
-
-    trivial = lambda x: pl.pallas_call(add_one, out_shape=jax.ShapeDtypeStruct((16,), jnp.float32),
-                                       compiler_params=pltr.CompilerParams(num_warps=1, num_stages=1))(x)
-    try:
-        _lower_for_cuda(trivial, jax.ShapeDtypeStruct((16,), jnp.float32))
+    """Whether this jaxlib lowers Pallas for CUDA: every jaxlib on a GPU; without
+    one, jaxlib 0.10 only (0.11 needs a GPU; the test extra pins 0.10.2). Decided
+    by version and device, never by catching an error, which could be our kernel's."""
+    import jaxlib
+    if ON_GPU:
         return True, ""
-    except Exception as e:  # jaxlib >= 0.11 needs a GPU to lower Triton kernels
-        return False, f"this jax/jaxlib cannot lower Pallas->Triton without a GPU ({type(e).__name__}: {str(e)[:120]})"
+    major_minor = tuple(int(v) for v in jaxlib.__version__.split(".")[:2])
+    return major_minor < (0, 11), f"jaxlib {jaxlib.__version__} lowers Pallas for CUDA only on a GPU"
 
 
 CAN_LOWER, WHY_NOT = _can_lower_for_cuda()
@@ -322,8 +315,8 @@ def test_static_entry_gives_the_per_call_function_and_stored_arguments():
     fn, args, info = lm.static_entry(1, 256, 512, 128, 4)
     assert [a.shape for a in args] == [(1, 512), (256, 256), (256, 16), (256, 4), (256, 4)]
     assert info["x"] == 0 and set(info["config"]) >= {"block_n", "block_k"}
-    text = _lower_for_cuda(fn, *args) if CAN_LOWER else None
-    assert text is None or text.count("__gpu$xla.gpu.triton") == 1
+    if CAN_LOWER:  # else only the arguments are checked
+        assert _lower_for_cuda(fn, *args).count("__gpu$xla.gpu.triton") == 1
 
 
 
