@@ -32,7 +32,8 @@ NO_CLIP = ("q_proj", "k_proj")  # as the reference: their errors are amplified b
 
 def scale_groups(config, layer_names) -> list[tuple[str, str, list[str]]]:
     """``(kind, previous op, [layers that read its output])`` of each decoder
-    layer whose scaling can be folded: the norms before q/k/v and gate/up,
+    layer whose scaling can be folded: the norms before q/k/v and gate/up (Gemma:
+    its pre-feed-forward norm),
     v_proj before o_proj (only without grouped-query attention: v's heads are
     shared), up_proj before down_proj."""
     if not hasattr(config, "num_key_value_heads"):
@@ -42,12 +43,13 @@ def scale_groups(config, layer_names) -> list[tuple[str, str, list[str]]]:
         raise ValueError("method='awq' supports dense Llama-family models; a mixture of experts "
                          "(the router shares the experts' input) is not supported: use 'plain' or 'gptq'")
     groups = []
+    before_mlp = "pre_feedforward_layernorm" if getattr(config, "sandwich_norms", False) else "post_attention_layernorm"
     for i in sorted({int(p.split("/")[0].removeprefix("layers_")) for p in layer_names if p.startswith("layers_")}):
         at, mlp = f"layers_{i}/self_attn", f"layers_{i}/mlp"
         groups.append(("norm", f"layers_{i}/input_layernorm", [f"{at}/q_proj", f"{at}/k_proj", f"{at}/v_proj"]))
         if config.num_attention_heads == config.num_key_value_heads:
             groups.append(("dense", f"{at}/v_proj", [f"{at}/o_proj"]))
-        groups.append(("norm", f"layers_{i}/post_attention_layernorm", [f"{mlp}/gate_proj", f"{mlp}/up_proj"]))
+        groups.append(("norm", f"layers_{i}/{before_mlp}", [f"{mlp}/gate_proj", f"{mlp}/up_proj"]))
         groups.append(("dense", f"{mlp}/up_proj", [f"{mlp}/down_proj"]))
     return groups
 
@@ -76,8 +78,9 @@ def awq(config, params, hessians: dict, mean_abs: dict, fmt: str, group_size: in
         g = k if group_size is None else group_size
         s = _search_scale(w, h, jnp.asarray(mean_abs[names[0]], jnp.float32), fmt=fmt, g=g)
         before = get(prev)
-        if kind == "norm":
-            before["weight"] = (before["weight"] / s).astype(before["weight"].dtype)
+        if kind == "norm":  # the norm scales by (offset + weight): Gemma's offset is 1
+            offset = getattr(config, "norm_offset", 0.0)
+            before["weight"] = ((offset + before["weight"]) / s - offset).astype(before["weight"].dtype)
         else:  # a Dense layer's output channels (Flax kernel (K, N)), and its bias
             before["kernel"] = (before["kernel"] / s[None, :]).astype(before["kernel"].dtype)
             if "bias" in before:

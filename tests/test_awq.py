@@ -170,3 +170,22 @@ def test_mixture_of_experts_is_refused(tiny_model):
     model, params, _ = load_model(flax_dir)
     with pytest.raises(ValueError, match="a mixture of experts"):
         quantize_model(model, params, fmt="int4", method="awq", calibration=IDS, progress=False)
+
+
+def test_scaling_folds_into_gemmas_offset_norms(tiny_model):
+    """Gemma 3: the norms scale by (1 + w), and gate/up read the pre-feed-forward norm
+    (the post-attention one normalizes attention's output): the folded float model
+    still computes the same logits, and exactly those ops changed."""
+    _, flax_dir = tiny_model("gemma3")
+    model, params, _ = load_model(flax_dir)
+    h = dense_input_hessians(model, params, IDS)
+    mean_abs = dense_input_statistics(model, params, IDS, "mean_abs")
+    scaled, _ = awq(model.config, params, h, mean_abs, "int4", G, clip=False)
+    ref = np.asarray(model.apply({"params": params}, jnp.asarray(IDS)))
+    np.testing.assert_allclose(np.asarray(model.apply({"params": scaled}, jnp.asarray(IDS))), ref, rtol=1e-4,
+                               atol=1e-4 * np.abs(ref).max())
+    ops = ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
+           "mlp/up_proj"]
+    value = lambda tree, p: np.asarray(get(tree, f"layers_0/{p}").get("weight", get(tree, f"layers_0/{p}").get("kernel")))
+    assert [p for p in ops if not np.allclose(value(scaled, p), value(params, p))] == [
+        "input_layernorm", "pre_feedforward_layernorm", "mlp/up_proj"]
