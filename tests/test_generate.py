@@ -24,7 +24,7 @@ def greedy_without_cache(model, params, prompt, n):
     return ids[len(prompt):]
 
 
-@pytest.mark.parametrize("arch", ["llama", "mixtral", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "mixtral", "mistral", "qwen3", "gemma3"])
 def test_cache_equals_recomputation(tiny_model, arch):
     _, flax_dir = tiny_model(arch)
     model, params, _ = load_model(flax_dir)

@@ -79,7 +79,7 @@ def test_unknown_model_type(tmp_path):
     cfg = json.loads((src / "config.json").read_text())
     cfg["model_type"] = "gpt_neox"
     (src / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="unsupported model_type 'gpt_neox'; supported: llama, mistral, qwen2, mixtral"):
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt_neox'; supported: llama, mistral, qwen2, qwen3, mixtral, gemma3_text"):
         hf2flax.convert(src, tmp_path / "flax", progress=False)
     assert _no_output(tmp_path)
 

@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import jax
@@ -20,7 +19,6 @@ import pytest
 from any4_jax import cli, load_model
 from any4_jax.calibrate import capture, forward
 from any4_jax.checkpoint import CheckpointError, ResumableWrite, open_model_dir
-from any4_jax.formats import QuantizedWeight
 from any4_jax.models import stages
 from any4_jax.quantize import quantize_checkpoint, quantize_model
 from benchmarks.scale import peak_rss_of, write_random_checkpoint
@@ -268,7 +266,7 @@ def test_convert_keeps_the_checkpoints_dtype_unless_told(tmp_path, capsys):
     b, pb, _ = load_model(tmp_path / "f32")
     assert (a.dtype, b.dtype) == (jnp.bfloat16, jnp.float32)
     assert pa["layers_0"]["mlp"]["up_proj"]["kernel"].dtype == jnp.bfloat16
-    from converters.hf2flax import SafetensorsFile
+    from any4_jax.tensorfiles import SafetensorsFile
     shard = SafetensorsFile(next(src.glob("*00001-of-*.safetensors")))
     name = next(n for n in shard.tensors if n.endswith("q_proj.weight"))
     np.testing.assert_array_equal(np.asarray(pa["layers_0"]["self_attn"]["q_proj"]["kernel"]).T,
