@@ -16,7 +16,6 @@ an interrupt. ``ParamSource`` reads a float model a few parts at a time.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
@@ -36,6 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from any4_jax import hf_format, hub
+from any4_jax.files import (CheckpointError, atomic_directory, check_output_dir, compute_dtype,
+                             count_params, load_tokenizer)
 from any4_jax.formats import QuantizedWeight, pack_codes
 from any4_jax.models import ModelConfig, Transformer, param_shapes
 from any4_jax.recipe import QuantDenseFactory, Recipe, bits_per_weight
@@ -47,78 +49,6 @@ from any4_jax.sharding import shardings
 #    low nibble); 1: as 2, with the fields of the old layer factory. 1 and 2 load
 #    through _repack_pairs; 1 to 3 through _restore of the one checkpoint.
 MANIFEST_VERSION = 4
-
-
-class CheckpointError(ValueError):
-    """A model directory is missing, incomplete or of the wrong kind."""
-
-
-def check_output_dir(out_dir, overwrite: bool = False, inputs=()) -> Path:
-    """``out_dir`` as an absolute path if a model may be written there, else a
-    FileExistsError naming it and why. A new path is fine; an existing one only
-    with ``overwrite``, and even then only an empty directory or a directory this
-    project wrote (``manifest.json``) — never a file, the current directory or one
-    of its parents, an input, or a directory that holds an input. Call it before
-    the long work."""
-    out = Path(out_dir).absolute()
-    _check_writable(out)
-    if not out.exists() and not out.is_symlink():
-        return out
-    if not overwrite:
-        raise FileExistsError(f"output directory {out} already exists; pass overwrite=True "
-                              f"(--overwrite) to replace it")
-    real, cwd = out.resolve(), Path.cwd().resolve()
-    if not real.is_dir():
-        raise FileExistsError(f"--out {out} is a file, not a model directory; --overwrite never replaces a file")
-    if real == cwd or real in cwd.parents:
-        raise FileExistsError(f"--out {out} is the current directory or one of its parents; "
-                              f"--overwrite never replaces it")
-    for path in map(lambda p: Path(p).resolve(), inputs):
-        if real == path or real in path.parents:
-            raise FileExistsError(f"--out {out} is the input {path} or holds it; choose another output directory")
-    if any(real.iterdir()) and not (real / "manifest.json").is_file():
-        raise FileExistsError(f"--out {out} is not empty and not a model directory written by any4-jax "
-                              f"(no manifest.json); --overwrite only replaces those")
-    return out
-
-
-def _check_writable(out: Path):
-    """A PermissionError now, not after the work, if nothing can be written
-    where ``out`` would go (its nearest existing parent; probed with a temp dir)."""
-    existing = next(p for p in out.parents if p.exists())
-    try:
-        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".any4-probe-"))
-    except OSError as e:
-        raise PermissionError(f"cannot write {out}: {existing} is not writable ({e.strerror or e})") from e
-
-
-@contextlib.contextmanager
-def atomic_directory(out_dir, overwrite: bool = False, inputs=()):
-    """Yield a temporary directory that becomes ``out_dir`` when the block
-    succeeds (``check_output_dir`` rules for what ``overwrite`` may replace)."""
-    out = check_output_dir(out_dir, overwrite, inputs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, trash)
-            os.rename(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def count_params(params) -> int:
-    """Parameters of a params tree; a ``QuantizedWeight`` counts the N x K weights it stands for."""
-    is_q = lambda x: isinstance(x, QuantizedWeight)
-    return int(sum(x.shape[0] * x.shape[1] if is_q(x) else np.prod(x.shape)
-                   for x in jax.tree_util.tree_leaves(params, is_leaf=is_q)))
 
 
 def write_part(params_dir: Path, key: str, tree):
@@ -213,12 +143,19 @@ def manifest_recipe(model_dir, manifest: dict) -> Recipe | None:
 
 
 def save_model(out_dir, model, params, tokenizer=None, *, overwrite: bool = False, source=None,
-               hf_config: dict | None = None) -> dict:
+               hf_config: dict | None = None, format: str = "any4") -> dict:
     """Write a float or quantized ``Transformer`` and its params to ``out_dir``
     (atomically), one part per top-level key. Quantized params keep their dtypes
     (uint8 codes, LUTs, scales); the manifest records how they were made (the
     ``Recipe``). ``hf_config`` (default: ``model.config.to_hf()``) is written as
-    ``config.json``. Returns the manifest."""
+    ``config.json``. ``format="safetensors"`` writes a quantized model as the
+    Hugging Face-style folder of ``hf_format`` instead (docs/checkpoint_format.md).
+    Returns the manifest (or that folder's ``config.json``)."""
+    if format == "safetensors":
+        return hf_format.write(out_dir, model, params.__getitem__, hf_config or model.config.to_hf(), tokenizer,
+                               overwrite=overwrite, source=source)
+    if format != "any4":
+        raise ValueError(f"unknown format {format!r}; accepted: any4 (a model directory), safetensors")
     recipe = model.dense.recipe if isinstance(model.dense, QuantDenseFactory) else None
     manifest = model_manifest(model, count_params(params), source=source, recipe=recipe,
                               bits=bits_per_weight(params) if recipe else None)
@@ -229,23 +166,8 @@ def save_model(out_dir, model, params, tokenizer=None, *, overwrite: bool = Fals
     return manifest
 
 
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _compute_dtype(dtype, saved: str):
-    """``dtype`` (None: ``saved``) as a jnp dtype, if it is one of ``COMPUTE_DTYPES``."""
-    name = saved if dtype is None else dtype
-    try:
-        name = jnp.dtype(name).name
-    except TypeError:
-        pass
-    if name not in COMPUTE_DTYPES:
-        raise ValueError(f"dtype {dtype!r}; accepted: {', '.join(COMPUTE_DTYPES)} (or None: as saved)")
-    return jnp.dtype(name)
-
-
 def load_model(model_dir, *, dtype=None, tokenizer: bool | str = True, require: str | None = None, mesh=None,
-               matmul: str = "auto"):
+               matmul: str = "auto", revision: str | None = None):
     """``(model, params, tokenizer)`` from a directory written by the converter
     or ``save_model``. Quantized checkpoints load as they were saved (never
     re-quantized).
@@ -256,9 +178,18 @@ def load_model(model_dir, *, dtype=None, tokenizer: bool | str = True, require: 
     ``tokenizer="required"`` makes a missing one a ``CheckpointError``.
     With a ``mesh`` (see ``any4_jax.sharding``) every array is read straight
     into its shards by the partition rules. ``matmul`` is the quantized layers'
-    ``qmatmul`` path (``layers.MATMUL_PATHS``).
+    ``qmatmul`` path (``layers.MATMUL_PATHS``). ``model_dir`` may be a Hugging
+    Face Hub id (``hub.resolve``; ``revision``).
     """
-    d = Path(model_dir)
+    d = hub.resolve(model_dir, revision=revision)
+    if hf_format.is_exported(d):  # a folder any4 export wrote (docs/checkpoint_format.md)
+        if require == "float":
+            raise CheckpointError(f"{d} holds a quantized model; a float model is required here")
+        model, params = hf_format.read(d, dtype=dtype, matmul=matmul, mesh=mesh)
+        tok = load_tokenizer(d) if tokenizer else None
+        if tok is None and tokenizer == "required":
+            raise CheckpointError(f"{d} has no tokenizer (tokenizer.json or tokenizer_config.json)")
+        return model, params, tok
     manifest = read_manifest(d)
     quant = manifest.get("quantization")
     if require not in (None, "float", "quantized"):
@@ -270,7 +201,7 @@ def load_model(model_dir, *, dtype=None, tokenizer: bool | str = True, require: 
         raise CheckpointError(f"{d} holds a model already quantized to {quant['fmt']}; a float model is "
                               f"required here (quantize the original float checkpoint instead)")
     config = ModelConfig.from_hf(json.loads((d / "config.json").read_text()))
-    model = Transformer(config, dtype=_compute_dtype(dtype, manifest.get("dtype", "float32")))
+    model = Transformer(config, dtype=compute_dtype(dtype, manifest.get("dtype", "float32")))
     if quant:
         model = model.clone(dense=manifest_recipe(d, manifest).dense(matmul, mesh))
     abstract = param_shapes(model)
@@ -279,27 +210,12 @@ def load_model(model_dir, *, dtype=None, tokenizer: bool | str = True, require: 
         if mesh is not None:
             params = jax.device_put(params, shardings(params, mesh))
     else:
-        params = _read_parts(d, manifest, abstract, None if mesh is None else shardings(abstract, mesh))
+        params = read_parts(d, manifest, abstract, None if mesh is None else shardings(abstract, mesh))
     tok = load_tokenizer(d) if tokenizer else None
     if tok is None and tokenizer == "required":
         raise CheckpointError(f"{d} has no tokenizer (tokenizer.json or tokenizer_config.json), which this "
                               f"needs: convert the model from a folder that has one")
     return model, params, tok
-
-
-def load_tokenizer(model_dir):
-    """The Hugging Face tokenizer saved in ``model_dir``, or None if it has none.
-    Never runs code from the folder (``trust_remote_code=False``)."""
-    d = Path(model_dir)
-    if not any((d / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return None
-    from transformers import AutoTokenizer  # ~2 s to import: only where a tokenizer is read
-
-    try:
-        return AutoTokenizer.from_pretrained(str(d), trust_remote_code=False)
-    except Exception as e:  # a damaged file surfaces as many kinds of error
-        raise CheckpointError(f"the tokenizer in {d} could not be read ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from e
 
 
 def _repack_pairs(params):
@@ -313,7 +229,7 @@ def _repack_pairs(params):
     return jax.tree_util.tree_map(repack, params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
 
 
-def _read_parts(d: Path, manifest: dict, abstract, placements=None, keys=None):
+def read_parts(d: Path, manifest: dict, abstract, placements=None, keys=None):
     """The params of model directory ``d`` (only the top-level ``keys``, if given),
     as ``abstract`` describes them, each part restored straight into its
     ``placements`` (a tree of shardings like ``abstract``; default: one device)."""
@@ -407,10 +323,10 @@ class ParamSource:
         return ModelConfig.from_hf(self.hf_config)
 
 
-def open_model_dir(model_dir) -> ParamSource:
-    """The float model in ``model_dir`` (from ``any4 convert``) as a ``ParamSource``;
-    a ``CheckpointError`` if it is not one, or already quantized."""
-    d = Path(model_dir).absolute()
+def open_model_dir(model_dir, *, revision: str | None = None) -> ParamSource:
+    """The float model in ``model_dir`` (from ``any4 convert``; or a Hub id) as a
+    ``ParamSource``; a ``CheckpointError`` if it is not one, or already quantized."""
+    d = hub.resolve(model_dir, revision=revision).absolute()
     manifest = read_manifest(d)
     if manifest.get("quantization"):
         raise CheckpointError(f"{d} holds a model already quantized to {manifest['quantization'].get('fmt')}; a "
@@ -418,7 +334,7 @@ def open_model_dir(model_dir) -> ParamSource:
     hf_config = json.loads((d / "config.json").read_text())
     dtype = manifest.get("dtype", "float32")
     abstract = param_shapes(Transformer(ModelConfig.from_hf(hf_config), dtype=jnp.dtype(dtype)))
-    read = lambda keys: _read_parts(d, manifest, abstract, keys=keys)
+    read = lambda keys: read_parts(d, manifest, abstract, keys=keys)
     return ParamSource(d, hf_config, dtype, read, fingerprint([d / "manifest.json", d / "config.json"], [d / "params"]))
 
 
@@ -558,3 +474,19 @@ def _write_json(path: Path, data):
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
+
+
+def export(model_dir, out_dir, *, overwrite: bool = False) -> dict:
+    """Export the quantized model directory ``model_dir`` (from ``any4 quantize``)
+    as the Hugging Face-style folder of ``hf_format`` in ``out_dir``, a part at a
+    time. Returns its ``config.json``."""
+    d = Path(model_dir)
+    manifest = read_manifest(d)
+    if not manifest.get("quantization"):
+        raise CheckpointError(f"{d} holds a float model; export takes a quantized one (any4 quantize first)")
+    hf_config = json.loads((d / "config.json").read_text())
+    model = Transformer(ModelConfig.from_hf(hf_config), dtype=jnp.dtype(manifest.get("dtype", "float32")))
+    model = model.clone(dense=manifest_recipe(d, manifest).dense())
+    abstract = param_shapes(model)
+    return hf_format.write(out_dir, model, lambda key: read_parts(d, manifest, abstract, keys=[key])[key], hf_config,
+                           load_tokenizer(d), overwrite=overwrite, source=d)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import jax
 
-from any4_jax import assets, quantize
-from any4_jax.checkpoint import check_output_dir, load_model, load_tokenizer, open_model_dir, read_manifest, save_model
+from any4_jax import assets, hub, quantize
+from any4_jax.checkpoint import check_output_dir, export, load_model, load_tokenizer, open_model_dir, read_manifest, save_model
 from any4_jax.evaluate import perplexity
 from any4_jax.formats import FORMATS, STORAGE_DTYPES
 from any4_jax.generation import generate, generate_text
@@ -130,7 +130,8 @@ def cmd_convert(args):
             raise ValueError(f"{', '.join(given)} only apply with --quantize FORMAT")
         return hf2flax.run(args)
     check_output_dir(args.out, args.overwrite, inputs=[args.model])  # before the long work, not after it
-    return _quantize_into(hf2flax.open_hf_dir(args.model, args.dtype), args)
+    return _quantize_into(hf2flax.open_hf_dir(args.model, args.dtype, revision=args.revision,
+                                              allow_bin=args.allow_bin or Path(args.model).exists()), args)
 
 
 def _load_text(name_or_file: str) -> str:
@@ -145,18 +146,27 @@ def _load_text(name_or_file: str) -> str:
 
 def cmd_quantize(args):
     check_output_dir(args.out, args.overwrite, inputs=[args.model])  # before the long work, not after it
-    return _quantize_into(open_model_dir(args.model), args)
+    return _quantize_into(open_model_dir(args.model, revision=args.revision), args)
 
 
-def evaluate_dir(model_dir, text: str, seq_len: int, max_windows: int | None):
-    model, params, tokenizer = load_model(model_dir, matmul=matmul_from_env(), tokenizer="required")
+def evaluate_dir(model_dir, text: str, seq_len: int, max_windows: int | None, revision: str | None = None):
+    model, params, tokenizer = load_model(model_dir, matmul=matmul_from_env(), tokenizer="required",
+                                          revision=revision)
     ids = tokenizer(text)["input_ids"]
     return perplexity(model, params, ids, seq_len=seq_len, max_windows=max_windows), len(ids)
 
 
+def cmd_export(args):
+    config = export(hub.resolve(args.model, revision=args.revision), args.out, overwrite=args.overwrite)
+    q = config["quantization_config"]
+    print(f"wrote {args.out}: {q['format']}, group size {q['group_size']}, safetensors with a quantization_config "
+          f"(docs/checkpoint_format.md)")
+    return 0
+
+
 def cmd_eval(args):
-    ppl, n_tokens = evaluate_dir(args.model, _load_text(args.text), args.seq_len, args.max_windows)
-    manifest = read_manifest(args.model)
+    ppl, n_tokens = evaluate_dir(args.model, _load_text(args.text), args.seq_len, args.max_windows, args.revision)
+    manifest = read_manifest(hub.resolve(args.model, revision=args.revision))
     result = {"model": str(args.model), "text": args.text, "perplexity": ppl, "seq_len": args.seq_len,
               "windows": min(n_tokens // args.seq_len, args.max_windows or 10 ** 9),
               "format": (manifest.get("quantization") or {}).get("fmt", manifest.get("dtype"))}
@@ -166,7 +176,8 @@ def cmd_eval(args):
 
 
 def cmd_generate(args):
-    model, params, tokenizer = load_model(args.model, matmul=matmul_from_env(), tokenizer="required")
+    model, params, tokenizer = load_model(args.model, matmul=matmul_from_env(), tokenizer="required",
+                                          revision=args.revision)
     printed = []
 
     def stream(step, tokens):  # print the text as it grows (batch of one)
@@ -245,14 +256,24 @@ def build_parser():
 
     q = sub.add_parser("quantize", parents=[common], help="quantize a converted float model directory, one block "
                        "at a time (resumable)")
-    q.add_argument("--model", required=True, help="float model directory (from `any4 convert`)")
+    q.add_argument("--model", required=True, help="float model directory (from `any4 convert`), or a Hub id")
+    q.add_argument("--revision", default=None, help="with a Hub id: the branch, tag or commit")
     q.add_argument("--out", required=True, help="output directory (written atomically)")
     add_quantize_arguments(q)
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_quantize)
 
+    x = sub.add_parser("export", parents=[common], help="a quantized model as a Hugging Face-style folder "
+                       "(sharded safetensors + config.json with a quantization_config) that others can read")
+    x.add_argument("--model", required=True, help="quantized model directory (from `any4 quantize`), or a Hub id")
+    x.add_argument("--revision", default=None, help="with a Hub id: the branch, tag or commit")
+    x.add_argument("--out", required=True, help="output directory (written atomically)")
+    x.add_argument("--overwrite", action="store_true")
+    x.set_defaults(func=cmd_export)
+
     e = sub.add_parser("eval", parents=[common], help="perplexity on a built-in text or a text file")
-    e.add_argument("--model", required=True)
+    e.add_argument("--model", required=True, help="model directory, or a Hub id")
+    e.add_argument("--revision", default=None, help="with a Hub id: the branch, tag or commit")
     e.add_argument("--text", default="botchan", help="botchan, lee, or a text FILE")
     e.add_argument("--seq-len", type=int, default=1024)
     e.add_argument("--max-windows", type=int, default=None)
@@ -260,7 +281,8 @@ def build_parser():
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", parents=[common], help="generate text, streamed")
-    g.add_argument("--model", required=True)
+    g.add_argument("--model", required=True, help="model directory, or a Hub id")
+    g.add_argument("--revision", default=None, help="with a Hub id: the branch, tag or commit")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Callable
 
 import flax.linen as nn
