@@ -1,6 +1,6 @@
 """Real model sizes on this machine: writes benchmarks/results/scale_cpu.md.
 
-    python -m benchmarks.scale [--sizes 1b 3b 8b] [--gptq 1b 8b] [--block-70b] [--workdir DIR] [--out FILE]
+    python -m benchmarks.scale [--sizes 1b 3b 8b] [--gptq 1b 8b] [--blocks-8b] [--block-70b] [--workdir DIR] [--out FILE]
 
 For each size, a Llama-shaped Hugging Face checkpoint of random bf16 weights
 (sharded safetensors, written here into a temporary folder under --workdir,
@@ -13,8 +13,10 @@ of the bf16 model, and the size of what it wrote. Values do not matter for
 memory and time, sizes do; quality needs real weights and is not measured here.
 
 ``--block-70b``: one decoder block of Llama-3-70B's shape (hidden 8192, FFN
-28672) measured alone, and a projection of the whole model from it (80 blocks),
-labelled as a projection.
+28672) measured alone, and a projection of the whole model from it (80 blocks);
+``--blocks-8b``: Llama-3-8B's first 4 blocks (its whole embedding and head),
+plain and GPTQ, projected to 32 blocks — a check of the projection where the
+whole model's plain row is measured too. Projections are labelled as such.
 
 Results are kept in a JSON file beside the table, keyed by size and step (and
 the git commit that measured them), rewritten after every step; a rerun skips
@@ -47,14 +49,19 @@ SIZES = {
                num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
     "8b": dict(LLAMA, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+    # the first 4 of Llama-3-8B's 32 blocks (its whole embedding and head): GPTQ projected from them
+    "8b-4": dict(LLAMA, hidden_size=4096, intermediate_size=14336, num_hidden_layers=4, num_attention_heads=32,
+                 num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
     # one block of Llama-3-70B's shape; a small vocabulary, so the block is what is measured
     "70b-block": dict(LLAMA, hidden_size=8192, intermediate_size=28672, num_hidden_layers=1,
                       num_attention_heads=64, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
                       vocab_size=32000),
 }
 NAMES = {"1b": "Llama-3.2-1B shape", "3b": "Llama-3.2-3B shape", "8b": "Llama-3-8B shape",
-         "70b-block": "one Llama-3-70B block"}
-BLOCKS_70B, VOCAB_70B = 80, 128256
+         "8b-4": "Llama-3-8B shape, 4 of its 32 blocks", "70b-block": "one Llama-3-70B block"}
+# sampled sizes: (the whole model, its blocks over the blocks measured)
+PROJECTED = {"8b-4": ("Llama-3-8B", 32 / 4, "its first 4 of 32 blocks"),
+             "70b-block": ("Llama-3-70B", 80, "one of its 80 blocks")}
 
 
 def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
@@ -178,7 +185,7 @@ def steps(size: str, gptq: bool) -> list[tuple[str, list[str]]]:
     if gptq:
         out.append(("quantize any4 (gptq)", ["quantize", "--model", "flax", "--out", "any4-gptq", "--format", "any4",
                                              "--method", "gptq"]))
-    if size != "70b-block":
+    if size not in PROJECTED:
         out.append(("generate 16 tokens (any4)", ["generate", "--model", "any4", "--prompt",
                                                   "The capital of France is", "--max-new-tokens", "16"]))
     return out
@@ -186,8 +193,9 @@ def steps(size: str, gptq: bool) -> list[tuple[str, list[str]]]:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", nargs="*", default=["1b", "3b", "8b"], choices=[s for s in SIZES if s != "70b-block"])
+    p.add_argument("--sizes", nargs="*", default=["1b", "3b", "8b"], choices=[s for s in SIZES if s not in PROJECTED])
     p.add_argument("--gptq", nargs="*", default=["1b"], help="sizes that also run --method gptq")
+    p.add_argument("--blocks-8b", action="store_true", help="also measure 4 of the 8B's blocks (GPTQ too) and project")
     p.add_argument("--block-70b", action="store_true", help="also measure one 70B-shaped block and project")
     p.add_argument("--workdir", default=tempfile.gettempdir(), help="where the checkpoints go (deleted after)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale_cpu.md"))
@@ -198,9 +206,9 @@ def main():
     results_file = Path(args.out).with_suffix(".json")
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    sizes = list(args.sizes) + (["70b-block"] if args.block_70b else [])
+    sizes = list(args.sizes) + ["8b-4"] * args.blocks_8b + ["70b-block"] * args.block_70b
     for size in sizes:
-        size_steps = steps(size, size in args.gptq or size == "70b-block")
+        size_steps = steps(size, size in args.gptq or size in PROJECTED)
         if not args.redo and all(f"{size} | {name}" in results for name, _ in size_steps):
             continue  # each step needs the ones before it: a size is measured whole
         work = Path(tempfile.mkdtemp(prefix=f"any4-scale-{size}-", dir=args.workdir))
@@ -248,19 +256,27 @@ def write_table(results: dict, out):
         written = gib(r["written_bytes"]) if r["written_bytes"] else "-"
         lines.append(f"| {NAMES[r['size']]} | {gib(r['model_bytes'])} | {r['step']} | {r['s']:.0f} | "
                      f"{gib(r['rss'])} | {r['rss'] / r['model_bytes']:.2f} | {written} | {r['commit']} |")
-    block = {r["step"]: r for r in rows if r["size"] == "70b-block"}
-    if block:
-        lines += ["", "## Llama-3-70B, projected from one block (a projection, not a measurement)", "",
-                  f"One decoder block of Llama-3-70B's shape (hidden 8192, FFN 28672, 64 query / 8 KV heads; "
-                  f"its checkpoint holds a 32000-token embedding and head besides) was measured alone, above. "
-                  f"Projected for {BLOCKS_70B} blocks: a step's time x {BLOCKS_70B} (its embedding/head share "
-                  "counted in every block: an overestimate); peak memory as measured, since the streaming path holds "
-                  "one block at a time. Left out: reading and writing ~140 GB of weights (disk speed: not "
-                  "measured here), and the real 128256-token embedding and head (2 GiB each in bf16: about 4 GiB "
-                  "more RSS while each is converted or written, as the 8B rows show for their 1 GiB).", "",
-                  "| step | one block (s) | 80 blocks (projected, h) | peak RSS (GiB, one block) |", "|---|---|---|---|"]
-        for name, r in block.items():
-            lines.append(f"| {name} | {r['s']:.0f} | {r['s'] * BLOCKS_70B / 3600:.1f} | {gib(r['rss'])} |")
+    for size, (whole, factor, part) in PROJECTED.items():
+        sample = {r["step"]: r for r in rows if r["size"] == size}
+        if not sample:
+            continue
+        lines += ["", f"## {whole}, projected from {part} (a projection, not a measurement)", "",
+                  f"Projected: a step's time x {factor:g}, the whole model's blocks over the blocks measured (the "
+                  "embedding, the head and the process start counted that many times: an overestimate); peak memory "
+                  "as measured, since the streaming path holds one block at a time."]
+        measured = {r["step"]: r for r in rows if r["size"] == "8b"} if size == "8b-4" else {}
+        if size == "70b-block":
+            lines[-1] += (" Its checkpoint holds a 32000-token embedding and head besides the block. Left out: "
+                          "reading and writing ~140 GB of weights (disk speed: not measured here), and the real "
+                          "128256-token embedding and head (2 GiB each in bf16: about 4 GiB more RSS while each "
+                          "is converted or written, as the 8B rows show for their 1 GiB).")
+        if measured:
+            lines[-1] += " Where the whole model was measured too (above), its time is beside the projection."
+        lines += ["", f"| step | measured (s) | {whole} projected (h) | {whole} measured (h) | peak RSS (GiB) |",
+                  "|---|---|---|---|---|"]
+        for name, r in sample.items():
+            full = f"{measured[name]['s'] / 3600:.2f}" if name in measured else "-"
+            lines.append(f"| {name} | {r['s']:.0f} | {r['s'] * factor / 3600:.2f} | {full} | {gib(r['rss'])} |")
     Path(out).write_text("\n".join(lines) + "\n")
 
 
