@@ -55,7 +55,7 @@ SIZES = {
     # one block of Llama-3-70B's shape; a small vocabulary, so the block is what is measured
     "70b-block": dict(LLAMA, hidden_size=8192, intermediate_size=28672, num_hidden_layers=1,
                       num_attention_heads=64, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
-                      vocab_size=32000),
+                      vocab_size=49152),  # the tokenizer's (SmolLM2's): every id it makes has a row
 }
 NAMES = {"1b": "Llama-3.2-1B shape", "3b": "Llama-3.2-3B shape", "8b": "Llama-3-8B shape",
          "8b-4": "Llama-3-8B shape, 4 of its 32 blocks", "70b-block": "one Llama-3-70B block"}
@@ -266,7 +266,7 @@ def write_table(results: dict, out):
                   "as measured, since the streaming path holds one block at a time."]
         measured = {r["step"]: r for r in rows if r["size"] == "8b"} if size == "8b-4" else {}
         if size == "70b-block":
-            lines[-1] += (" Its checkpoint holds a 32000-token embedding and head besides the block. Left out: "
+            lines[-1] += (" Its checkpoint holds a 49152-token embedding and head besides the block. Left out: "
                           "reading and writing ~140 GB of weights (disk speed: not measured here), and the real "
                           "128256-token embedding and head (2 GiB each in bf16: about 4 GiB more RSS while each "
                           "is converted or written, as the 8B rows show for their 1 GiB).")
