@@ -109,7 +109,14 @@ def sample(logits, key, *, temperature: float = 0.0, top_k: int | None = None, t
     return _sample(logits, key, temperature=float(temperature), top_k=top_k, top_p=top_p)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "temperature", "top_k", "top_p"), donate_argnames="cache")
+# XLA's loop-invariant code motion would hoist out of the loop every conversion of a weight the step makes
+# (on a CPU: a 16-bit embedding table's raw view, 1 GiB for Llama-3's; any float32 upcast, 2 GiB) and keep it
+# for the whole loop; inside the step each stays fused into its use.
+LOOP_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+
+
+@functools.partial(jax.jit, static_argnames=("model", "temperature", "top_k", "top_p"), donate_argnames="cache",
+                   compiler_options=LOOP_COMPILER_OPTIONS)
 def _decode_loop(model, params, token, position, cache, key, done, stop_ids, steps, *, temperature, top_k, top_p):
     """Up to ``min(steps, DECODE_CHUNK)`` decode steps, fewer if every row has
     stopped: each feeds ``token`` to the model and samples the next one. Returns

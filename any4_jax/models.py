@@ -40,46 +40,34 @@ SLIDING, FULL = "sliding_attention", "full_attention"  # the layer types of a co
 
 # Output features a product computes at a time (an LLM's head: 128k): XLA on a CPU converts
 # 16-bit weights to float32 for a product, and a whole Llama-3 head would be 1-2 GB at once.
-DOT_CHUNK = 16384
-
-
-def dot_in_chunks(x, w, *, transposed: bool = False):
+def accumulating_dot(x, w, *, transposed: bool = False):
     """``x @ w`` (``w (K, N)``), or ``x @ w.T`` for ``transposed`` (``w (N, K)``,
-    an embedding table), ``DOT_CHUNK`` output features at a time when N is
-    larger; the same dtype rules as ``jnp.dot``. Each output element is the one
-    dot product it would be unchunked."""
-    n = w.shape[0] if transposed else w.shape[1]
+    an embedding table), in ``jnp.dot``'s result dtype. 16-bit products are
+    asked for as float32 accumulations, then rounded, as XLA computes them
+    anyway: asked for in 16 bits, XLA's CPU backend first converts the whole of
+    ``w`` to float32 (a Llama-3 head: 2 GiB more, in every step). float16 it
+    converts either way (it has no float16 x float16 -> float32 product): a
+    float16 checkpoint on a CPU is best loaded with ``dtype="bfloat16"``."""
     spec = (((x.ndim - 1,), (1 if transposed else 0,)), ((), ()))
-    if n <= DOT_CHUNK:
-        return jax.lax.dot_general(x, w, spec)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    spec = (((1,), (1 if transposed else 0,)), ((), ()))
-
-    # Sliced as raw 16-bit integers: XLA's CPU backend computes bf16/f16 slices in float32,
-    # converting all of w once, before the loop.
-    raw = jax.lax.bitcast_convert_type(w, jnp.uint16) if w.dtype.itemsize == 2 else w
-
-    def chunk(i, out):  # the last chunk overlaps the one before: same values, no padded copy of w
-        start = jnp.minimum(i * DOT_CHUNK, n - DOT_CHUNK)
-        part = jax.lax.dynamic_slice_in_dim(raw, start, DOT_CHUNK, axis=0 if transposed else 1)
-        part = jax.lax.bitcast_convert_type(part, w.dtype)
-        return jax.lax.dynamic_update_slice_in_dim(out, jax.lax.dot_general(x2, part, spec), start, axis=1)
-
-    out = jnp.zeros((x2.shape[0], n), jnp.result_type(x, w))
-    return jax.lax.fori_loop(0, -(-n // DOT_CHUNK), chunk, out).reshape(*lead, n)
+    dtype = jnp.result_type(x, w)
+    wide = jnp.float32 if jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize == 2 else None
+    if wide is not None and math.prod(x.shape[:-1]) == 1:  # one row (batch-1 decode): XLA's CPU backend converts
+        x2 = jnp.broadcast_to(x.reshape(1, -1), (2, x.shape[-1]))  # w for that product too; two rows it does not
+        return jax.lax.dot_general(x2, w, (((1,), spec[0][1]), ((), ())), preferred_element_type=wide)[:1] \
+            .reshape(*x.shape[:-1], -1).astype(dtype)
+    return jax.lax.dot_general(x, w, spec, preferred_element_type=wide).astype(dtype)
 
 
 class Dense(nn.Dense):
-    """``nn.Dense`` (same parameters, same result) whose product runs
-    ``DOT_CHUNK`` output features at a time (``dot_in_chunks``)."""
+    """``nn.Dense`` (same parameters, same result) whose product is an
+    ``accumulating_dot``: no float32 copy of a 16-bit kernel."""
 
     @nn.compact
     def __call__(self, inputs):
         kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-        y = dot_in_chunks(inputs, kernel)
+        y = accumulating_dot(inputs, kernel)
         return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
 
 
@@ -466,7 +454,7 @@ class Transformer(nn.Module):
         x = norm(c, self.dtype, "norm")(x)
         if c.tie_word_embeddings:
             query, table = nn.dtypes.promote_dtype(x, embed.embedding, dtype=self.dtype)  # as embed.attend
-            logits = dot_in_chunks(query, table, transposed=True)
+            logits = accumulating_dot(query, table, transposed=True)
         else:
             logits = self.dense(c.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head",
                                 parallel=PARALLEL["lm_head"])(x)

@@ -186,3 +186,34 @@ def test_smollm2_any4_chat_generates_text(smollm2_any4):
     model, params, tok = load_model(smollm2_any4)
     text = gen.generate_text(model, params, tok, "What is the capital of France?", chat=True, max_new_tokens=12)[0]
     assert "Paris" in text
+
+
+def test_the_decode_loop_holds_no_converted_copy_of_a_table(tiny_model, monkeypatch):
+    """In a 16-bit model at batch 1, the compiled decode loop makes no whole-table
+    copy of the embedding or the head (XLA's CPU backend would hoist a raw or a
+    float32 view of each out of the loop: 3 GiB for Llama-3-8B): its temporaries
+    stay below one table's size. It still decodes what recomputation does."""
+    import dataclasses
+
+    import jax
+
+    from any4_jax.models import Transformer
+    _, flax_dir = tiny_model("llama")
+    small, _, _ = load_model(flax_dir)
+    config = dataclasses.replace(small.config, vocab_size=32768, num_hidden_layers=1, tie_word_embeddings=False)
+    model = Transformer(config, dtype=jnp.bfloat16)
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    table_bytes = params["embed_tokens"]["embedding"].nbytes  # 4 MiB; the head's kernel is as large
+    temps = []
+    loop = gen._decode_loop
+
+    def recording(*args, **kwargs):
+        temps.append(loop.lower(*args, **kwargs).compile().memory_analysis().temp_size_in_bytes)
+        return loop(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "_decode_loop", recording)
+    prompt = [5, 17, 99, 3]
+    ours = gen.generate_ids(model, params, [prompt], max_new_tokens=6)[0]
+    assert temps and max(temps) < table_bytes, (temps, table_bytes)
+    assert ours == greedy_without_cache(model, params, prompt, 6)
