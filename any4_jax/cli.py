@@ -234,10 +234,12 @@ def cmd_demo(args):
     for name, _, ppl, seconds, bpw in rows:
         print(f"| {name:<7} | {ppl:>10.3f} | {bpw:>11.2f} | {seconds:>10.1f} |")
     print("* SmolLM2's released weights are already 4-bit (Q4_1): 'float' is their dequantized form.")
-    print(f"\n[4/4] any4 model (saved to {work / 'smollm2-any4'}) completes {args.prompt!r}:")
+    print(f"\n[4/4] the any4 model (saved to {work / 'smollm2-any4'}) answers, with the instruct model's "
+          "chat template:")
     qmodel, qparams = any4
-    out = generate_text(qmodel, qparams, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens)[0]
-    print(args.prompt + out)
+    out = generate_text(qmodel, qparams, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, chat=True)[0]
+    print(f"user: {args.prompt}\nassistant: {out.strip()}")
+    print(f"\nnext: any4 generate --model {work / 'smollm2-any4'} --chat --prompt \"...\"")
     return 0
 
 
@@ -292,14 +294,15 @@ def build_parser():
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_generate)
 
-    d = sub.add_parser("demo", parents=[common], help="SmolLM2-135M: int4/fp4/nf4/any4 perplexity table and an any4 completion")
+    d = sub.add_parser("demo", parents=[common], help="SmolLM2-135M: int4/fp4/nf4/any4 perplexity table and an any4 chat answer")
     d.add_argument("--workdir", default="any4-demo", help="where converted and quantized models go")
     d.add_argument("--text", default="botchan", choices=("botchan", "lee"))
     d.add_argument("--group-size", type=int, default=128)
     d.add_argument("--seq-len", type=int, default=1024)
     d.add_argument("--windows", type=int, default=8, help="evaluation windows per format")
-    d.add_argument("--prompt", default="The old man looked at the sea and")
-    d.add_argument("--max-new-tokens", type=int, default=40)
+    d.add_argument("--prompt", default="What is the capital of France, and what is it known for?",
+                   help="the question the any4 model answers at the end")
+    d.add_argument("--max-new-tokens", type=int, default=64)
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -20,7 +20,7 @@ from any4_jax.models import float_dense
 METHODS = ("plain", "gptq", "awq")  # docs/design.md §9, §10
 STATISTICS = ("abs_mean", "mean_abs", "rms")  # docs/design.md §3
 REFINE_STEPS = 40  # refinement's steps when asked for without a number (docs/design.md §10)
-# One name for the best any4 recipe (README's quality table): GPTQ, then refinement.
+# One name for the best any4 recipe (benchmarks/results/quality_smollm2.md): GPTQ, then refinement.
 PRESETS = {"gptq-refine": dict(method="gptq", refine_steps=REFINE_STEPS)}
 
 

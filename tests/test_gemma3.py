@@ -92,7 +92,8 @@ def test_every_format_quantizes_the_real_model(gemma):
     ref = np.asarray(model.apply({"params": params}, ids))
     error = {}
     for fmt in ("int4", "nf4", "fp4", "any4", "int3", "any3", "int2", "any2"):
-        qmodel, qparams = quantize_model(model, params, fmt=fmt, group_size=128, calibration=None, progress=False)
+        qmodel, qparams = quantize_model(model, params, fmt=fmt, group_size=128, calibration=None, progress=False,
+                                         kmeans_options=dict(n_init=1))  # one k-means start: the test's time
         out = np.asarray(qmodel.apply({"params": qparams}, ids))
         error[fmt] = float(np.abs(out - ref).mean() / np.abs(ref).mean())
     assert max(error[f] for f in ("int4", "nf4", "fp4", "any4")) < min(error["int3"], error["any3"]), error
