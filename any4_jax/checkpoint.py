@@ -181,19 +181,26 @@ def load_model(model_dir, *, dtype=None, tokenizer: bool | str = True, require: 
     ``qmatmul`` path (``layers.MATMUL_PATHS``). ``model_dir`` may be a Hugging
     Face Hub id (``hub.resolve``; ``revision``).
     """
+    if require not in (None, "float", "quantized"):
+        raise ValueError(f"require must be None, 'float' or 'quantized'; got {require!r}")
     d = hub.resolve(model_dir, revision=revision)
     if hf_format.is_exported(d):  # a folder any4 export wrote (docs/checkpoint_format.md)
         if require == "float":
             raise CheckpointError(f"{d} holds a quantized model; a float model is required here")
         model, params = hf_format.read(d, dtype=dtype, matmul=matmul, mesh=mesh)
-        tok = load_tokenizer(d) if tokenizer else None
-        if tok is None and tokenizer == "required":
-            raise CheckpointError(f"{d} has no tokenizer (tokenizer.json or tokenizer_config.json)")
-        return model, params, tok
+    else:
+        model, params = _read_model_dir(d, dtype, require, mesh, matmul)
+    tok = load_tokenizer(d) if tokenizer else None
+    if tok is None and tokenizer == "required":
+        raise CheckpointError(f"{d} has no tokenizer (tokenizer.json or tokenizer_config.json), which this "
+                              f"needs: convert the model from a folder that has one")
+    return model, params, tok
+
+
+def _read_model_dir(d: Path, dtype, require, mesh, matmul):
+    """``(model, params)`` of a model directory (manifest.json; see ``load_model``)."""
     manifest = read_manifest(d)
     quant = manifest.get("quantization")
-    if require not in (None, "float", "quantized"):
-        raise ValueError(f"require must be None, 'float' or 'quantized'; got {require!r}")
     if require == "quantized" and not quant:
         raise CheckpointError(f"{d} holds a float model; a quantized one is required here "
                               f"(make one with `any4 quantize --model {d} --out DIR`)")
@@ -211,11 +218,7 @@ def load_model(model_dir, *, dtype=None, tokenizer: bool | str = True, require: 
             params = jax.device_put(params, shardings(params, mesh))
     else:
         params = read_parts(d, manifest, abstract, None if mesh is None else shardings(abstract, mesh))
-    tok = load_tokenizer(d) if tokenizer else None
-    if tok is None and tokenizer == "required":
-        raise CheckpointError(f"{d} has no tokenizer (tokenizer.json or tokenizer_config.json), which this "
-                              f"needs: convert the model from a folder that has one")
-    return model, params, tok
+    return model, params
 
 
 def _repack_pairs(params):

@@ -34,7 +34,7 @@ from any4_jax.formats import QuantizedWeight, get_format
 from any4_jax.models import ModelConfig, Transformer, hf_name, param_shapes
 from any4_jax.recipe import QuantDenseFactory, Recipe
 from any4_jax.sharding import shardings
-from any4_jax.tensorfiles import SafetensorsFile, SafetensorsWriter
+from any4_jax.tensorfiles import SafetensorsFile, SafetensorsWriter, shard_path
 
 SHARD_BYTES = 5 << 30
 QUANT_METHOD = "any4"
@@ -90,13 +90,18 @@ def read(model_dir, *, dtype=None, matmul: str = "auto", mesh=None):
     model = Transformer(ModelConfig.from_hf(config), dtype=compute_dtype(dtype, config.get("torch_dtype", "float32")))
     model = model.clone(dense=recipe.dense(matmul, mesh))
     abstract = param_shapes(model)
-    index = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
-    files = {f: SafetensorsFile(_inside_folder(d, f)) for f in sorted(set(index.values()))}
+    index_file = d / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())["weight_map"]
+    try:
+        files = {f: SafetensorsFile(shard_path(d, f, index_file)) for f in sorted(set(index.values()))}
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
     places = None if mesh is None else shardings(abstract, mesh)
+    entries = exported_tensors(abstract)
     params = {}
     for key in abstract:
         part = {}
-        for _, keys, name, field, dtype_, shape in [e for e in exported_tensors(abstract) if e[0] == key]:
+        for _, keys, name, field, dtype_, shape in [e for e in entries if e[0] == key]:
             if name not in index or name not in files[index[name]].tensors:
                 raise CheckpointError(f"{d}: tensor {name} is missing (a damaged or incomplete export)")
             array = files[index[name]].read(name)
@@ -131,13 +136,6 @@ def _rebuild(part, abstract):
     return part
 
 
-def _inside_folder(d: Path, name: str) -> Path:
-    path = (d / name).resolve()
-    if d.resolve() not in path.parents:
-        raise CheckpointError(f"{d}/model.safetensors.index.json names {name!r}, outside the folder")
-    return path
-
-
 def write(out_dir, model, read_part, hf_config: dict, tokenizer=None, *, overwrite: bool = False, source=None) -> dict:
     """Write ``model`` (a quantized ``Transformer``) whose params ``read_part(key)``
     returns one top-level key at a time, into ``out_dir`` in this format
@@ -162,22 +160,17 @@ def write(out_dir, model, read_part, hf_config: dict, tokenizer=None, *, overwri
         "group_size": recipe.group_size, "format": recipe.fmt, "storage_dtype": recipe.storage_dtype,
         "modules_not_converted": list(recipe.skip), "recipe": recipe.to_dict()}}
     with atomic_directory(out_dir, overwrite=overwrite, inputs=() if source is None else (source,)) as tmp:
-        writers = iter([SafetensorsWriter(tmp / f, {e[2]: (e[4], e[5]) for e in shard}, metadata={"format": "pt"})
-                        for f, shard in zip(files, shards)])
-        out, left, part_key, part = next(writers), len(shards[0]), None, None
-        counts = iter(len(s) for s in shards[1:])
-        for key, keys, name, field, _, _ in entries:
-            if key != part_key:
-                part_key, part = key, read_part(key)
-            leaf = part
-            for k in keys[1:]:
-                leaf = leaf[k]
-            array = np.asarray(getattr(leaf, field)) if field else np.asarray(leaf)
-            out.write(name, array if field or keys[-1] != "kernel" else array.T)
-            left -= 1
-            if left == 0:
-                out.close()
-                out, left = next(writers, None), next(counts, 0)
+        part_key, part = None, None
+        for file, shard in zip(files, shards):
+            with SafetensorsWriter(tmp / file, {e[2]: (e[4], e[5]) for e in shard}, metadata={"format": "pt"}) as out:
+                for key, keys, name, field, _, _ in shard:
+                    if key != part_key:  # entries run part by part: each part is read once
+                        part_key, part = key, read_part(key)
+                    leaf = part
+                    for k in keys[1:]:
+                        leaf = leaf[k]
+                    array = np.asarray(getattr(leaf, field)) if field else np.asarray(leaf)
+                    out.write(name, array if field or keys[-1] != "kernel" else array.T)
         index = {"metadata": {"total_size": sum(int(np.prod(e[5])) * e[4].itemsize for e in entries),
                               "parameters": count_params(abstract)},
                  "weight_map": {e[2]: f for f, shard in zip(files, shards) for e in shard}}

@@ -24,6 +24,17 @@ DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dt
 CODES = {np.dtype(v): k for k, v in DTYPES.items()}
 
 
+def shard_path(folder, name: str, index) -> Path:
+    """The shard ``name`` that the index file ``index`` names, which must be a file
+    inside ``folder`` (an untrusted index may not point elsewhere)."""
+    folder = Path(folder)
+    path = (folder / name).resolve()
+    if folder.resolve() not in path.parents:
+        raise ValueError(f"{index} names the shard {name!r}, which is outside {folder}; "
+                         f"shards must be files in the model folder")
+    return path
+
+
 class SafetensorsFile:
     """The tensors of one ``.safetensors`` file, each read on request."""
 

@@ -32,7 +32,7 @@ from any4_jax.checkpoint import (ParamSource, atomic_directory, check_output_dir
 from any4_jax import hub
 from any4_jax.models import ModelConfig, Transformer, hf_name, param_shapes
 from converters import run_command
-from any4_jax.tensorfiles import SafetensorsFile
+from any4_jax.tensorfiles import SafetensorsFile, shard_path
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 FLOAT_DTYPES = {"F64": "float32", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # -> the dtype "auto" picks
@@ -40,16 +40,6 @@ _TORCH_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16
                  "float8_e5m2": "F8_E5M2", "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
                  "uint8": "U8", "bool": "BOOL"}
 _CHECK_ELEMENTS = 1 << 24  # finiteness is checked this many elements at a time (bounded memory)
-
-
-def _inside(model_dir: Path, name: str, index: Path) -> Path:
-    """A shard named by the index, which must be a file inside ``model_dir`` (an
-    untrusted index may not point elsewhere)."""
-    path = (model_dir / name).resolve()
-    if model_dir.resolve() not in path.parents:
-        raise ValueError(f"{index} names the shard {name!r}, which is outside {model_dir}; "
-                         f"shards must be files in the model folder")
-    return path
 
 
 class TensorReader:
@@ -66,7 +56,7 @@ class TensorReader:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(f"{index} is not a safetensors index (a JSON object with a weight_map): {e}") from e
-            shards = {f: SafetensorsFile(_inside(model_dir, f, index)) for f in sorted(set(weight_map.values()))}
+            shards = {f: SafetensorsFile(shard_path(model_dir, f, index)) for f in sorted(set(weight_map.values()))}
             self._files = {name: shards[f] for name, f in weight_map.items()}
             for name, f in self._files.items():
                 if name not in f.tensors:
