@@ -38,17 +38,20 @@ import orbax.checkpoint as ocp
 from any4_jax import hf_format, hub
 from any4_jax.files import (CheckpointError, atomic_directory, check_output_dir, compute_dtype,
                              count_params, load_tokenizer)
-from any4_jax.formats import QuantizedWeight, pack_codes
+from any4_jax.formats import QuantizedWeight, get_format, pack_codes
+from pallas_kernels.layout import repack
 from any4_jax.models import ModelConfig, Transformer, param_shapes
 from any4_jax.recipe import QuantDenseFactory, Recipe, bits_per_weight
 from any4_jax.sharding import shardings
 
-# 4: params/ holds one orbax checkpoint per top-level key (written and read a part at a time);
-# 3: one orbax checkpoint of all params, codes in 64-element kernel blocks (pallas_kernels.lut_matmul.pack_codes);
+# 5: 2- and 3-bit codes take 2 and 3 bits (16- and 24-byte blocks, pallas_kernels.layout);
+# 4: params/ holds one orbax checkpoint per top-level key (written and read a part at a time),
+#    2- and 3-bit codes in 4-bit containers (as in 1-3; repacked when read: _in_containers);
+# 3: one orbax checkpoint of all params, codes in 64-element kernel blocks (pallas_kernels.layout.pack_codes);
 # 2: "quantization" holds a versioned Recipe, codes packed in pairs (element 2i in the
 #    low nibble); 1: as 2, with the fields of the old layer factory. 1 and 2 load
 #    through _repack_pairs; 1 to 3 through _restore of the one checkpoint.
-MANIFEST_VERSION = 4
+MANIFEST_VERSION = 5
 
 
 def write_part(params_dir: Path, key: str, tree):
@@ -118,7 +121,7 @@ def read_manifest(model_dir) -> dict:
     version = manifest.get("format_version")
     if version == 1 and manifest.get("quantization"):  # v1: the same fields, without a version
         manifest["quantization"] = {"recipe_version": 1, **manifest["quantization"]}
-    elif version not in (1, 2, 3, MANIFEST_VERSION):
+    elif version not in (1, 2, 3, 4, MANIFEST_VERSION):
         raise CheckpointError(f"{d}/manifest.json has format_version {version!r}; this any4-jax reads "
                               f"1 to {MANIFEST_VERSION} (a newer any4-jax wrote it? upgrade any4-jax)")
     dtype = manifest.get("dtype", "float32")
@@ -213,7 +216,7 @@ def _read_model_dir(d: Path, dtype, require, mesh, matmul):
         model = model.clone(dense=manifest_recipe(d, manifest).dense(matmul, mesh))
     abstract = param_shapes(model)
     if manifest["format_version"] < 3 and quant:  # codes packed in pairs: repack on one device, then place
-        params = _repack_pairs(_restore(d / "params", abstract, pair_packed_codes=True))
+        params = _repack_pairs(_restore(d / "params", abstract, other_codes_width=True))
         if mesh is not None:
             params = jax.device_put(params, shardings(params, mesh))
     else:
@@ -224,12 +227,21 @@ def _read_model_dir(d: Path, dtype, require, mesh, matmul):
 def _repack_pairs(params):
     """Codes of format versions 1-2 (element 2i in the low nibble of byte i) in today's layout."""
     def repack(qw):
-        if not isinstance(qw, QuantizedWeight):
-            return qw
         pairs = jnp.stack([qw.codes & 0xF, qw.codes >> 4], axis=-1).reshape(qw.shape[0], -1)[:, :qw.shape[1]]
-        return dataclasses.replace(qw, codes=pack_codes(pairs))
+        return dataclasses.replace(qw, codes=pack_codes(pairs, qw.bits))
 
-    return jax.tree_util.tree_map(repack, params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
+    return _map_quantized(repack, params)
+
+
+def _in_containers(manifest: dict) -> bool:
+    """Whether a model directory's 2- or 3-bit codes sit in 4-bit containers (format versions 1-4)."""
+    quant = manifest.get("quantization")
+    return bool(quant) and manifest["format_version"] < 5 and get_format(quant["fmt"]).bits < 4
+
+
+def _map_quantized(f, params):
+    return jax.tree_util.tree_map(lambda x: f(x) if isinstance(x, QuantizedWeight) else x, params,
+                                  is_leaf=lambda x: isinstance(x, QuantizedWeight))
 
 
 def read_parts(d: Path, manifest: dict, abstract, placements=None, keys=None):
@@ -237,28 +249,36 @@ def read_parts(d: Path, manifest: dict, abstract, placements=None, keys=None):
     as ``abstract`` describes them, each part restored straight into its
     ``placements`` (a tree of shardings like ``abstract``; default: one device)."""
     keys = list(abstract) if keys is None else list(keys)
-    if manifest["format_version"] < MANIFEST_VERSION:  # one checkpoint of every part
-        sub = lambda t: None if t is None else {k: t[k] for k in keys}
-        return _restore(d / "params", sub(abstract), sub(placements), partial=keys != list(abstract))
-    found = sorted(p.name for p in (d / "params").iterdir() if p.is_dir() and not p.name.startswith("."))
-    if sorted(abstract) != found:
-        raise CheckpointError(f"{d / 'params'} holds the parts {found}; the model in config.json/manifest.json "
-                              f"needs {sorted(abstract)} (a damaged or incomplete checkpoint: write it again)")
-    return {k: _restore(d / "params" / k, abstract[k], None if placements is None else placements[k])
-            for k in keys}
+    containers = _in_containers(manifest)  # then read on one device, repacked at the codes' bits, placed
+    where = None if placements is None or containers else {k: placements[k] for k in keys}
+    if manifest["format_version"] < 4:  # one checkpoint of every part
+        params = _restore(d / "params", {k: abstract[k] for k in keys}, where, partial=keys != list(abstract),
+                          other_codes_width=containers)
+    else:
+        found = sorted(p.name for p in (d / "params").iterdir() if p.is_dir() and not p.name.startswith("."))
+        if sorted(abstract) != found:
+            raise CheckpointError(f"{d / 'params'} holds the parts {found}; the model in config.json/manifest.json "
+                                  f"needs {sorted(abstract)} (a damaged or incomplete checkpoint: write it again)")
+        params = {k: _restore(d / "params" / k, abstract[k], None if where is None else where[k],
+                              other_codes_width=containers) for k in keys}
+    if not containers:
+        return params
+    params = _map_quantized(lambda qw: dataclasses.replace(qw, codes=repack(qw.codes, qw.shape[1], qw.bits)), params)
+    return params if placements is None else jax.device_put(params, {k: placements[k] for k in keys})
 
 
-def _restore(path: Path, abstract, placements=None, pair_packed_codes: bool = False, partial: bool = False):
+def _restore(path: Path, abstract, placements=None, other_codes_width: bool = False, partial: bool = False):
     """Restore an orbax params tree with the structure of ``abstract`` (the
     model's own, ``QuantizedWeight`` nodes included), the dtypes as saved, and
     the shardings of ``placements`` (default: one device). Every saved shape must
-    be the model's (``pair_packed_codes``: codes of format versions 1-2 are half
-    of K wide); ``partial``: the checkpoint may hold more than ``abstract``."""
+    be the model's (``other_codes_width``: but the codes', as in older format
+    versions: pairs, 4-bit containers); ``partial``: the checkpoint may hold more
+    than ``abstract``."""
     with ocp.StandardCheckpointer() as checkpointer:  # closed after: its threads and buffers go
-        return _restore_with(checkpointer, path.absolute(), abstract, placements, pair_packed_codes, partial)
+        return _restore_with(checkpointer, path.absolute(), abstract, placements, other_codes_width, partial)
 
 
-def _restore_with(checkpointer, path, abstract, placements, pair_packed_codes, partial):
+def _restore_with(checkpointer, path, abstract, placements, other_codes_width, partial):
     try:
         metadata = checkpointer.metadata(path).item_metadata
     except Exception as e:  # orbax/tensorstore raise many kinds
@@ -276,7 +296,7 @@ def _restore_with(checkpointer, path, abstract, placements, pair_packed_codes, p
                               f"(missing: {', '.join(missing[:5]) or 'none'})")
     wrong = [f"{'/'.join(_keys(p))} is {tuple(saved[_keys(p)].shape)}, the model needs {tuple(a.shape)}"
              for p, a in targets if tuple(saved[_keys(p)].shape) != tuple(a.shape)
-             and not (pair_packed_codes and _keys(p)[-1] == "codes")]
+             and not (other_codes_width and _keys(p)[-1] == "codes")]
     if wrong:
         raise CheckpointError(f"{path} does not match config.json/manifest.json: {'; '.join(wrong[:3])}"
                               f"{f' (and {len(wrong) - 3} more)' if len(wrong) > 3 else ''}")

@@ -3,11 +3,11 @@
     W[n, k] ≈ lut[n, codes[n, k]] * scales[n, k // G] + zeros[n, k // G]
 
 Storage (``QuantizedWeight``):
-  * ``codes``  ``(N, packed_columns(K))`` uint8: two 4-bit codes a byte, in
-    blocks of 64 elements laid out for the kernels (``pallas_kernels.layout``
-    defines the order; ``pack_codes`` / ``unpack_codes`` convert). 2- and 3-bit
-    codes use the same 4-bit containers (one layout, one kernel);
-    ``bits_per_weight`` counts the storage actually used, so it is honest about that.
+  * ``codes``  ``(N, packed_columns(K, bits))`` uint8: ``bits`` bits a code, in
+    blocks of 64 elements laid out for the kernels (32, 24 or 16 bytes a block
+    for 4, 3 or 2 bits; ``pallas_kernels.layout`` defines the order,
+    ``pack_codes`` / ``unpack_codes`` convert). ``bits_per_weight`` counts
+    the storage actually used.
   * ``lut``    ``(N, 2**bits)``: one table per row (int/nf4/fp4 repeat a fixed one).
   * ``scales``, ``zeros``  ``(N, n_groups)`` with ``n_groups = ceil(K / G)``.
   LUT, scales and zeros are stored as bfloat16 by default (``storage_dtype``;
@@ -101,7 +101,7 @@ class QuantizedWeight:
     ``group_size`` is the actual group length (K when quantized with ``None``).
     """
 
-    codes: jax.Array   # (N, packed_columns(K)) uint8, two codes per byte (kernel layout)
+    codes: jax.Array   # (N, packed_columns(K, bits)) uint8 (kernel layout)
     lut: jax.Array     # (N, 2**bits)
     scales: jax.Array  # (N, n_groups)
     zeros: jax.Array   # (N, n_groups)
@@ -116,7 +116,7 @@ class QuantizedWeight:
         bits, g = get_format(fmt).bits, k if group_size is None else group_size
         dtype = check_storage_dtype(storage_dtype)
         groups = (n, cdiv(k, g))
-        return cls(jnp.zeros((n, packed_columns(k)), jnp.uint8), jnp.zeros((n, 2 ** bits), dtype),
+        return cls(jnp.zeros((n, packed_columns(k, bits)), jnp.uint8), jnp.zeros((n, 2 ** bits), dtype),
                    jnp.zeros(groups, dtype), jnp.zeros(groups, dtype), (n, k), bits, g, fmt)
 
     @property
@@ -137,7 +137,7 @@ def dequantize(qw: QuantizedWeight, dtype=jnp.float32):
     """``(N, K)`` weight of ``dtype``: ``lut[codes] * scale + zero`` computed in float32."""
     n, k = qw.shape
     g = qw.group_size
-    codes = unpack_codes(qw.codes, k).astype(jnp.int32)
+    codes = unpack_codes(qw.codes, k, qw.bits).astype(jnp.int32)
     values = jnp.take_along_axis(qw.lut.astype(jnp.float32), codes, axis=1)
     values = _to_groups(values, g)
     out = values * qw.scales.astype(jnp.float32)[..., None] + qw.zeros.astype(jnp.float32)[..., None]
@@ -217,8 +217,9 @@ def assemble(w, codes, lut, scales, zeros, fmt: str, group_size: int, storage_dt
     metadata, rounded to ``storage_dtype`` (a ValueError if it cannot hold them)."""
     for name, a in (("scale", scales), ("zero", zeros), ("LUT entry", lut)):
         _check_storable(a, name, storage_dtype, w)
-    return QuantizedWeight(pack_codes(codes), lut.astype(storage_dtype), scales.astype(storage_dtype),
-                           zeros.astype(storage_dtype), tuple(w.shape), get_format(fmt).bits, group_size, fmt)
+    bits = get_format(fmt).bits
+    return QuantizedWeight(pack_codes(codes, bits), lut.astype(storage_dtype), scales.astype(storage_dtype),
+                           zeros.astype(storage_dtype), tuple(w.shape), bits, group_size, fmt)
 
 
 def _to_groups(a, g, mode="constant"):

@@ -9,7 +9,7 @@
 
 Tensors have Hugging Face's names. A quantized linear layer ``P`` (e.g.
 ``model.layers.3.mlp.up_proj``) is four tensors: ``P.qweight`` (uint8 codes,
-``(N, 32 * ceil(K / 64))`` in ``pallas_kernels.layout``'s order), ``P.lut``
+``(N, 8 * bits * ceil(K / 64))`` in ``pallas_kernels.layout``'s order), ``P.lut``
 (``(N, 2**bits)``), ``P.scales`` and ``P.zeros`` (``(N, ceil(K / G))``), so
 that ``W[n, k] = lut[n, code[n, k]] * scales[n, k // G] + zeros[n, k // G]``;
 every other weight is as in the float checkpoint (``P.weight`` ``(N, K)``,
@@ -35,10 +35,11 @@ from any4_jax.models import ModelConfig, Transformer, hf_name, param_shapes
 from any4_jax.recipe import QuantDenseFactory, Recipe
 from any4_jax.sharding import shardings
 from any4_jax.tensorfiles import SafetensorsFile, SafetensorsWriter, shard_path
+from pallas_kernels.layout import CODE_BLOCK, HALF, repack
 
 SHARD_BYTES = 5 << 30
 QUANT_METHOD = "any4"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: 2- and 3-bit codes in 4-bit containers (still read: repacked)
 _FIELDS = {"codes": "qweight", "lut": "lut", "scales": "scales", "zeros": "zeros"}
 
 
@@ -80,9 +81,10 @@ def read(model_dir, *, dtype=None, matmul: str = "auto", mesh=None):
     d = Path(model_dir)
     config = json.loads((d / "config.json").read_text())
     q = config["quantization_config"]
-    if q.get("format_version") != FORMAT_VERSION:
+    if q.get("format_version") not in (1, FORMAT_VERSION):
         raise CheckpointError(f"{d}/config.json: quantization_config format_version {q.get('format_version')!r}; "
-                              f"this any4-jax reads {FORMAT_VERSION}")
+                              f"this any4-jax reads 1 to {FORMAT_VERSION}")
+    containers = q["format_version"] == 1 and q.get("bits", 4) < 4
     try:
         recipe = Recipe.from_dict(q["recipe"])
     except (KeyError, TypeError, ValueError) as e:
@@ -105,6 +107,10 @@ def read(model_dir, *, dtype=None, matmul: str = "auto", mesh=None):
             if name not in index or name not in files[index[name]].tensors:
                 raise CheckpointError(f"{d}: tensor {name} is missing (a damaged or incomplete export)")
             array = files[index[name]].read(name)
+            if containers and field == "codes":  # version 1: 2- or 3-bit codes in 4-bit blocks
+                bits, blocks = q["bits"], shape[1] // (8 * q["bits"])
+                if array.shape == (shape[0], HALF * blocks):
+                    array = np.asarray(repack(array, CODE_BLOCK * blocks, bits))
             if array.dtype != dtype_ or array.shape != shape:
                 raise CheckpointError(f"{d}: tensor {name} is {array.dtype} {array.shape}; the model needs "
                                       f"{dtype_} {shape}")

@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from any4_jax.formats import QuantizedWeight, dequantize
 from pallas_kernels import cpu
-from pallas_kernels.layout import CODE_BLOCK, low_nibble_elements, packed_columns
+from pallas_kernels.layout import CODE_BLOCK, expand_codes, low_nibble_elements, packed_columns
 from pallas_kernels.lut_matmul import block_sizes, lut_matmul, self_check
 
 MATMUL_PATHS = ("auto", "kernel", "cpu", "xla")
@@ -147,7 +147,7 @@ def dequantize_matmul(x, qw: QuantizedWeight):
 
 
 def _group_bytes(qw: QuantizedWeight):
-    """Packed bytes per group when every group is a run of whole bytes (G a
+    """4-bit packed bytes per group when every group is a run of whole bytes (G a
     multiple of the 64-element code block, or one group a row); else None."""
     if qw.group_size % CODE_BLOCK == 0:
         return qw.group_size // 2
@@ -180,7 +180,8 @@ def fused_matmul(x, qw: QuantizedWeight):
     group_bytes = _group_bytes(qw)
     groups = qw.n_groups
     cols = groups * group_bytes
-    codes = jnp.pad(qw.codes, ((0, 0), (0, cols - qw.codes.shape[1]))).reshape(n, groups, group_bytes)
+    codes = expand_codes(qw.codes, qw.bits)  # 2- and 3-bit codes as 4-bit blocks (fused by XLA)
+    codes = jnp.pad(codes, ((0, 0), (0, cols - codes.shape[1]))).reshape(n, groups, group_bytes)
     x = x.astype(jnp.float32)
     low = low_nibble_elements(2 * cols)
     xp = jnp.pad(x, ((0, 0), (0, 2 * cols - k)))  # zeros: the padding adds nothing

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from any4_jax import calibrate
 from any4_jax.awq import awq, scale_groups
-from any4_jax.checkpoint import ParamSource, ResumableWrite, model_manifest, release_memory, write_part
+from any4_jax.checkpoint import MANIFEST_VERSION, ParamSource, ResumableWrite, model_manifest, release_memory, write_part
 from any4_jax.formats import QuantizedWeight, dequantize, get_format, quantize_tensor
 from any4_jax.gptq import gptq_quantize
 from any4_jax.layers import quantized_dense
@@ -303,6 +303,7 @@ def quantize_checkpoint(source: ParamSource, out_dir, recipe: Recipe | None = No
     inputs, recipe = prepare_calibration(recipe, calibration, tokenizer, config.max_position_embeddings)
     key = jax.random.PRNGKey(0) if key is None else key
     identity = {"recipe": recipe.to_dict(), "source": source.fingerprint, "dtype": source.dtype,
+                "format_version": MANIFEST_VERSION,
                 "calibration": None if inputs is None else _digest(inputs), "key": np.asarray(key).tolist(),
                 "kmeans_options": repr(sorted((kmeans_options or {}).items()))}
     model_stages, shapes = stages(model), param_shapes(model)

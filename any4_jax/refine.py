@@ -34,7 +34,7 @@ def output_error(w, qw: QuantizedWeight, hessian) -> float:
     of ``qw`` against ``w`` on inputs whose ``Xᵀ X`` is ``hessian``."""
     w = jnp.asarray(w, jnp.float32)
     n, k = w.shape
-    codes = unpack_codes(qw.codes, k).astype(jnp.int32)
+    codes = unpack_codes(qw.codes, k, qw.bits).astype(jnp.int32)
     return float(_row_errors(w, jnp.asarray(hessian, jnp.float32), codes, *_metadata(qw), g=qw.group_size).sum())
 
 
@@ -56,7 +56,7 @@ def refine(qw: QuantizedWeight, w, hessian, *, steps: int = REFINE_STEPS,
     if steps == 0:
         return qw
     h = h / jnp.maximum(jnp.mean(jnp.diag(h)), 1e-30)
-    codes = unpack_codes(qw.codes, k).astype(jnp.int32)
+    codes = unpack_codes(qw.codes, k, qw.bits).astype(jnp.int32)
     before = _metadata(qw)
     learn_lut = get_format(qw.fmt).kind == "learned"
     lut, scales, zeros = _refine(w, h, codes, *before, g=qw.group_size, steps=int(steps),

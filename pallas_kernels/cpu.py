@@ -173,8 +173,8 @@ def isa() -> str | None:
 
 def lut_gemv(x, codes, lut, scales, zeros, *, group_size: int, target: str = TARGET):
     """``x (M, K) @ W^T`` in float32 for a packed ``W (N, K)`` (codes as
-    ``lut_matmul.pack_codes`` lays them out; lut/scales/zeros float32, bfloat16
-    or float16); ``group_size`` a multiple of 64, or one group a row.
+    ``layout.pack_codes`` lays them out at the LUT's bits, ``lut`` (N, 4 | 8 | 16);
+    lut/scales/zeros float32, bfloat16 or float16); ``group_size`` a multiple of 64, or one group a row.
     ``available()`` must be True. Rows of W are split over XLA's
     CPU threads only when jax has one CPU device: with several (virtual) devices,
     each runs its own calls on the same cores."""

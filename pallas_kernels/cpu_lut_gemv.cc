@@ -7,7 +7,9 @@
 //
 // The codes stay packed (pallas_kernels/layout.py: 64-element blocks of 32
 // bytes; byte j of a block holds element 32*h + 4*w + 2*p in its low nibble and
-// the next element in its high nibble, w = j / 4, h = (j / 2) % 2, p = j % 2).
+// the next element in its high nibble, w = j / 4, h = (j / 2) % 2, p = j % 2;
+// 2- and 3-bit codes in blocks of 16 and 24 bytes, expanded to that 4-bit block
+// a few rows at a time by Expand, the shifts and masks of layout.expand_codes).
 // x is permuted into that order once per call, so the inner loop is: widen 16
 // code bytes, look both nibbles up in the row's 16-entry LUT held in one
 // register (AVX-512 vpermps; two 8-entry permutes and a blend on AVX2; scalar
@@ -30,7 +32,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kBlock = 64;       // elements per packed block
-constexpr int64_t kBlockBytes = 32;  // bytes per packed block
+constexpr int64_t kBlockBytes = 32;  // bytes per packed block of 4-bit codes
 constexpr int64_t kMinParallelBytes = 1 << 20;  // rows of x times code bytes
 
 float Half(uint16_t h) {  // IEEE half -> float
@@ -73,12 +75,32 @@ void Convert(const void* base, ffi::DataType type, int64_t start, int64_t count,
 
 struct Problem {
   const float *x_low, *x_high, *group_sums;  // (M, P), (M, P), (M, groups)
-  const uint8_t* codes;                       // (N, P)
+  const uint8_t* codes;                       // (N, row_bytes): bits-bit codes
   const void *lut, *scales, *zeros;
   ffi::DataType lut_type, scales_type, zeros_type;
   float* y;  // (M, N)
-  int64_t m, n, p, levels, groups, group_bytes;
+  int64_t m, n, p, levels, groups, group_bytes;  // p: bytes a row as 4-bit codes
+  int64_t bits, row_bytes;
 };
+
+// Blocks of 2- or 3-bit codes (16 or 24 bytes) as 4-bit blocks (32 bytes), read
+// as little-endian 64-bit words: bytes j and j + 16 of the 4-bit block come from
+// the low plane's byte j (bits 0-1, 4-5 and 2-3, 6-7), bit 2 of byte 8q + i's
+// nibbles from bits q and 4 + q of the third plane's byte i.
+void Expand(const uint8_t* src, int64_t bits, int64_t blocks, uint8_t* dst) {
+  constexpr uint64_t kTwo = 0x3333333333333333ull, kOne = 0x1111111111111111ull;
+  const int64_t in = bits * 8;
+  for (int64_t b = 0; b < blocks; ++b, src += in, dst += kBlockBytes) {
+    uint64_t low[2], third = 0, out[4];
+    std::memcpy(low, src, 16);
+    if (bits == 3) std::memcpy(&third, src + 16, 8);
+    for (int q = 0; q < 4; ++q) {
+      out[q] = (low[q % 2] >> (2 * (q / 2))) & kTwo;
+      if (bits == 3) out[q] |= ((third >> q) & kOne) << 2;
+    }
+    std::memcpy(dst, out, kBlockBytes);
+  }
+}
 
 #if defined(__AVX512F__)
 constexpr int kRowsW = 4, kRowsX = 4, kStep = 16;  // 16 accumulators of 32 registers
@@ -140,11 +162,22 @@ struct Table {
 };
 #endif
 
-// Rows [n0, n0 + NB) of W's metadata as float32 (the LUT padded to 16 entries).
+// Rows [n0, n0 + NB) of W's metadata as float32 (the LUT padded to 16 entries)
+// and their codes as 4-bit blocks (rows of p bytes from `codes`).
 struct Meta {
   alignas(64) float lut[kRowsW][16];
   std::vector<float> scales, zeros;  // (NB, groups)
+  std::vector<uint8_t> expanded;     // (NB, p) for 2- and 3-bit codes
+  const uint8_t* codes;
   void Read(const Problem& a, int64_t n0, int nb) {
+    if (a.bits == 4) {
+      codes = a.codes + n0 * a.p;
+    } else {
+      expanded.resize(nb * a.p);
+      for (int r = 0; r < nb; ++r)
+        Expand(a.codes + (n0 + r) * a.row_bytes, a.bits, a.p / kBlockBytes, expanded.data() + r * a.p);
+      codes = expanded.data();
+    }
     scales.resize(nb * a.groups);
     zeros.resize(nb * a.groups);
     std::memset(lut, 0, sizeof(lut));
@@ -168,7 +201,7 @@ void Tile(const Problem& a, const Meta& meta, int64_t n0, int64_t m0) {
     for (int r = 0; r < NB; ++r) tables[r].Set(meta.lut[r], meta.scales[r * a.groups + g]);
     for (int64_t b = b0; b < b1; b += kStep) {
       Vec lo[NB], hi[NB];
-      for (int r = 0; r < NB; ++r) tables[r].Lookup(a.codes + (n0 + r) * a.p + b, lo[r], hi[r]);
+      for (int r = 0; r < NB; ++r) tables[r].Lookup(meta.codes + r * a.p + b, lo[r], hi[r]);
       for (int i = 0; i < MB; ++i) {
         const Vec xl = LoadVec(a.x_low + (m0 + i) * a.p + b), xh = LoadVec(a.x_high + (m0 + i) * a.p + b);
         for (int r = 0; r < NB; ++r) acc[r][i] = Fma(hi[r], xh, Fma(lo[r], xl, acc[r][i]));
@@ -213,14 +246,18 @@ using Bytes = ffi::Buffer<ffi::U8, 2>;
 ffi::Error LutGemv(ffi::ThreadPool pool, Floats x, Bytes codes, ffi::AnyBuffer lut, ffi::AnyBuffer scales,
                    ffi::AnyBuffer zeros, ffi::Result<Floats> y, int64_t group_size, int64_t use_pool) {
   const int64_t m = x.dimensions()[0], k = x.dimensions()[1];
-  const int64_t n = codes.dimensions()[0], p = codes.dimensions()[1];
+  const int64_t n = codes.dimensions()[0], row_bytes = codes.dimensions()[1];
   const int64_t levels = lut.dimensions()[1], groups = scales.dimensions()[1];
+  const int64_t bits = levels == 16 ? 4 : levels == 8 ? 3 : levels == 4 ? 2 : 0;
+  const int64_t blocks = (k + kBlock - 1) / kBlock, p = blocks * kBlockBytes;
   for (ffi::DataType t : {lut.element_type(), scales.element_type(), zeros.element_type()}) {
     if (t != ffi::DataType::F32 && t != ffi::DataType::BF16 && t != ffi::DataType::F16)
       return ffi::Error::InvalidArgument("lut, scales and zeros must be float32, bfloat16 or float16");
   }
-  if (p % kBlockBytes || p * 2 < k || levels > 16 || lut.dimensions()[0] != n)
-    return ffi::Error::InvalidArgument("codes must be (N, packed columns of K) and lut (N, <= 16)");
+  if (bits == 0 || lut.dimensions()[0] != n)
+    return ffi::Error::InvalidArgument("lut must be (N, 4 | 8 | 16): 2-, 3- or 4-bit codes");
+  if (row_bytes != blocks * bits * 8)
+    return ffi::Error::InvalidArgument("codes must be (N, packed columns of K at the LUT's bits)");
   int64_t group_bytes;
   if (group_size % kBlock == 0) {
     group_bytes = group_size / 2;
@@ -248,7 +285,7 @@ ffi::Error LutGemv(ffi::ThreadPool pool, Floats x, Bytes codes, ffi::AnyBuffer l
   const Problem a{x_low.data(), x_high.data(), group_sums.data(), codes.typed_data(),
                   lut.untyped_data(), scales.untyped_data(), zeros.untyped_data(),
                   lut.element_type(), scales.element_type(), zeros.element_type(),
-                  y->typed_data(), m, n, p, levels, groups, group_bytes};
+                  y->typed_data(), m, n, p, levels, groups, group_bytes, bits, row_bytes};
 
   // Waking the pool costs tens of microseconds: split only work that takes longer.
   const int64_t cores = std::max<int64_t>(1, std::thread::hardware_concurrency());
@@ -301,7 +338,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Any4LutGemv, LutGemv,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<Floats>()          // x (M, K)
-                                  .Arg<Bytes>()           // codes (N, P)
+                                  .Arg<Bytes>()           // codes (N, row_bytes)
                                   .Arg<ffi::AnyBuffer>()  // lut (N, levels)
                                   .Arg<ffi::AnyBuffer>()  // scales (N, groups)
                                   .Arg<ffi::AnyBuffer>()  // zeros (N, groups)

@@ -1,10 +1,11 @@
-"""LUT-dequant matmul ``y = x @ W^T`` for 4-bit-container LUT weights (Pallas, Triton backend).
+"""LUT-dequant matmul ``y = x @ W^T`` for 2-, 3- and 4-bit LUT weights (Pallas, Triton backend).
 
     W[n, k] = lut[n, code[n, k]] * scales[n, k // G] + zeros[n, k // G]
 
 Codes come in the layout of ``pallas_kernels.layout`` (64-element blocks, a
-block's two halves in the low and high nibbles of its words); the byte-permute
-lookup is the program of ``pallas_kernels.lookup``.
+block's two halves in the low and high nibbles of its words; 2- and 3-bit blocks
+are loaded and expanded to that 4-bit block with shifts and masks); the
+byte-permute lookup is the program of ``pallas_kernels.lookup``.
 
 **One kernel for every M** (docs/design.md §5): a program owns ``block_n`` rows
 of W and ``block_m`` rows of x (``block_m`` = 16 for decode, M <= 16, padded with
@@ -39,7 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from pallas_kernels.layout import CODE_BLOCK, HALF, pack_codes, packed_columns, unpack_codes
+from pallas_kernels.layout import CODE_BLOCK, HALF, block_bytes, pack_codes, packed_columns, unpack_codes
 from pallas_kernels.lookup import TABLES, lookup_emulated, lookup_ptx
 
 DECODE_MAX_M = 16         # up to here x rows are padded to one MMA width
@@ -52,7 +53,7 @@ STRATEGIES = ("prmt", "gather")
 def lut_matmul_reference(x, codes, lut, scales, zeros, *, k: int, group_size: int):
     """Pure-jnp ``x @ W^T``: dequantize W in float32, matmul at HIGHEST precision,
     return ``x.dtype``."""
-    idx = unpack_codes(codes, k).astype(jnp.int32)
+    idx = unpack_codes(codes, k, lut.shape[1].bit_length() - 1).astype(jnp.int32)
     values = jnp.take_along_axis(lut.astype(jnp.float32), idx, axis=1)
     g = jnp.arange(k) // group_size
     w = values * scales.astype(jnp.float32)[:, g] + zeros.astype(jnp.float32)[:, g]
@@ -159,14 +160,15 @@ def _kernel(x_ref, codes_ref, lut_ref, scales_ref, zeros_ref, out_ref, *, m, n, 
     """One program: W rows [j*BN, (j+1)*BN) times x rows [i*BM, (i+1)*BM), over all of K.
     All refs are flat; indices are computed here."""
     i, j = pl.program_id(0), pl.program_id(1)
-    kc = packed_columns(k)
+    bits = levels.bit_length() - 1
+    kc, per_block = packed_columns(k, bits), block_bytes(bits)  # code bytes a row, a 64-element block
     dtype = x_ref.dtype
     # Rows past N (or M) repeat the last real row: they compute exact duplicates and store
     # the same values to the same place, so no load or store needs a row mask.
     rows = jnp.minimum(j * block_n + jnp.arange(block_n), n - 1)
     xrows = jnp.minimum(i * block_m + jnp.arange(block_m), m - 1)
     tail = k % block_k != 0                 # the last K block runs past K: mask x
-    code_tail = pl.cdiv(k, block_k) * block_k // 2 > kc  # ... and past the row's code bytes: mask them
+    code_tail = pl.cdiv(k, block_k) * (block_k // CODE_BLOCK) * per_block > kc  # ... and past the row's codes
     split_groups = group_size < block_k     # G = 32: each half of a code block is its own group
     # Code blocks of one group are looked up and multiplied together: `fuse` blocks a dot.
     fuse = 1 if split_groups else block_k // CODE_BLOCK
@@ -195,23 +197,30 @@ def _kernel(x_ref, codes_ref, lut_ref, scales_ref, zeros_ref, out_ref, *, m, n, 
             tables[f"th{q}"], tables[f"tl{q}"] = (u >> 8).astype(jnp.uint8), (u & 0xFF).astype(jnp.uint8)
         tables = [tables[t] for t in TABLES]
 
-    def codes_at(byte0, byte_cols):  # byte0: a multiple of 32 written without division (alignment stays visible)
-        cols = (byte0 + byte_cols)[None, :]  # bytes past the row read as code 0, never the next row
+    def code_bytes(cols):  # bytes past the row read as code 0, never the next row
+        cols = cols[None, :]
         return load(codes_ref.at[rows[:, None] * kc + cols], (cols < kc) if code_tail else None)
 
-    def lookup(byte0, n_blocks=1):
+    def lookup(block0, n_blocks=1):
         """The LUT values of the low and high halves of ``n_blocks`` code blocks from
-        byte0, ``(BN, 32 * n_blocks)`` each (blocks side by side)."""
-        if strategy == "prmt":
-            return _prmt_lookup(codes_at(byte0, jnp.arange(HALF * n_blocks)), tables, dtype, interpret)
+        block0, ``(BN, 32 * n_blocks)`` each (blocks side by side)."""
+        if strategy == "prmt":  # 4-bit codes: each thread's four K-consecutive bytes are one word
+            return _prmt_lookup(code_bytes(block0 * HALF + jnp.arange(HALF * n_blocks)), tables, dtype, interpret)
         j = jnp.arange(HALF * n_blocks)
         blk, pos = j // HALF, j % HALF
+        nibble = (4 * (pos % 2))[None, :]
         out = []  # gather: a pointer-indexed load per code; element 4w + e of a half is
         for h in (0, 2):  # nibble e % 2 of byte 4w + h + e // 2 of its block (see the code layout)
-            byte = codes_at(byte0, blk * HALF + 4 * (pos // 4) + h + (pos % 4) // 2).astype(jnp.int32)
-            code = (byte >> (4 * (pos % 2))[None, :]) & 0xF
-            if levels < 16:  # a 2- or 3-bit table: no code may index past the row's entries
-                code = jnp.minimum(code, levels - 1)
+            c = 4 * (pos // 4) + h + (pos % 4) // 2
+            if bits == 4:
+                code = (code_bytes((block0 + blk) * HALF + c).astype(jnp.int32) >> nibble) & 0xF
+            else:  # that byte's two bits in the low plane (and the third in the third plane)
+                base = (block0 + blk) * per_block
+                low = code_bytes(base + c % 16).astype(jnp.int32)
+                code = (low >> ((2 * (c // 16))[None, :] + nibble)) & 3
+                if bits == 3:
+                    third = code_bytes(base + 16 + c % 8).astype(jnp.int32)
+                    code = code | (((third >> ((c // 8)[None, :] + nibble)) & 1) << 2)
             out.append(load(lut_ref.at[(rows * levels)[:, None] + code]).astype(dtype))
         return out
 
@@ -225,7 +234,7 @@ def _kernel(x_ref, codes_ref, lut_ref, scales_ref, zeros_ref, out_ref, *, m, n, 
         prod = xsum = None  # Σ W x and Σ x of this K block, accumulated in the MMA accumulators
         for sub in range(block_k // CODE_BLOCK // fuse):  # `fuse` code blocks at a time
             c0 = k0 + sub * CODE_BLOCK * fuse
-            for w, off in zip(lookup(kb * (block_k // 2) + sub * HALF * fuse, fuse), (0, HALF)):
+            for w, off in zip(lookup(kb * (block_k // CODE_BLOCK) + sub * fuse, fuse), (0, HALF)):
                 cols = c0 + off + x_col
                 xt = load(x_ref.at[xrows[:, None] * k + cols[None, :]], (cols < k)[None, :] if tail else None)
                 if split_groups:  # G = 32 (block_k = 64): each half is its own group (past K: the last)
@@ -280,12 +289,12 @@ def lut_matmul(x, codes, lut, scales, zeros, *, k: int, group_size: int, strateg
 
     Args:
       x: ``(M, K)`` bf16, f16 or f32.
-      codes: ``(N, packed_columns(K))`` uint8 in the layout of ``layout.pack_codes``.
-      lut: ``(N, 2**bits)``; scales, zeros: ``(N, ceil(K/G))`` (any float dtype).
+      codes: ``(N, packed_columns(K, bits))`` uint8 in the layout of ``layout.pack_codes``.
+      lut: ``(N, 2**bits)``, bits 2, 3 or 4; scales, zeros: ``(N, ceil(K/G))`` (any float dtype).
       k, group_size: K and the group length (``K`` for one group per row).
       strategy: the LUT lookup: ``"prmt"`` (the LUT in registers, byte permutes;
-        16-bit x only) or ``"gather"`` (a load per code); default prmt for
-        bf16/f16 x, gather for float32 x.
+        4-bit codes and 16-bit x only) or ``"gather"`` (a load per code, its bits
+        picked out of the 2- or 3-bit planes); default prmt where it applies.
       interpret: run in the Pallas interpreter (any backend; for tests).
       block_options: override the fields of ``block_sizes`` (a ``BlockSizes``).
 
@@ -294,23 +303,23 @@ def lut_matmul(x, codes, lut, scales, zeros, *, k: int, group_size: int, strateg
     """
     if x.ndim != 2 or x.shape[1] != k:
         raise ValueError(f"x must be (M, K={k}); got {x.shape}")
-    sixteen_bit = x.dtype in (jnp.bfloat16, jnp.float16)
-    strategy = strategy or ("prmt" if sixteen_bit else "gather")
-    if strategy not in STRATEGIES or (strategy == "prmt" and not sixteen_bit):
-        raise ValueError(f"unknown strategy {strategy!r} for x of dtype {x.dtype}; accepted: "
-                         f"{'prmt, gather' if sixteen_bit else 'gather (prmt needs bf16 or f16 x)'}")
-    n = codes.shape[0]
-    if codes.shape != (n, packed_columns(k)) or codes.dtype != jnp.uint8:
-        raise ValueError(f"codes must be uint8 (N, packed_columns(K)) = ({n}, {packed_columns(k)}); "
-                         f"got {codes.dtype} {codes.shape}")
-    levels = lut.shape[1]
+    n, levels = codes.shape[0], lut.shape[1]
     if lut.shape[0] != n or levels not in (4, 8, 16):
         raise ValueError(f"lut must be (N={n}, 4|8|16); got {lut.shape}")
+    bits = levels.bit_length() - 1
+    prmt_ok = x.dtype in (jnp.bfloat16, jnp.float16) and bits == 4
+    strategy = strategy or ("prmt" if prmt_ok else "gather")
+    if strategy not in STRATEGIES or (strategy == "prmt" and not prmt_ok):
+        raise ValueError(f"unknown strategy {strategy!r} for x of dtype {x.dtype} and {bits}-bit codes; accepted: "
+                         f"{'prmt, gather' if prmt_ok else 'gather (prmt needs 4-bit codes and bf16 or f16 x)'}")
+    if codes.shape != (n, packed_columns(k, bits)) or codes.dtype != jnp.uint8:
+        raise ValueError(f"codes of {bits}-bit weights must be uint8 (N, packed_columns(K, {bits})) = "
+                         f"({n}, {packed_columns(k, bits)}); got {codes.dtype} {codes.shape}")
     n_groups = -(-k // group_size)
     if scales.shape != (n, n_groups) or zeros.shape != (n, n_groups):
         raise ValueError(f"scales and zeros must be (N, ceil(K/G)) = ({n}, {n_groups}); "
                          f"got {scales.shape} and {zeros.shape}")
-    blocks = block_sizes(x.shape[0], n, k, group_size, levels.bit_length() - 1)
+    blocks = block_sizes(x.shape[0], n, k, group_size, bits)
     unknown = set(block_options) - {f.name for f in dataclasses.fields(BlockSizes)}
     if unknown:
         raise ValueError(f"unknown block options {sorted(unknown)}; accepted: "
@@ -320,7 +329,7 @@ def lut_matmul(x, codes, lut, scales, zeros, *, k: int, group_size: int, strateg
                             blocks=blocks)
     m = x.shape[0]
     rows = lambda limit, block: max(1, limit // block * block or limit)  # whole blocks where they fit
-    rows_n = rows(FLAT_LIMIT // packed_columns(k), blocks.block_n)
+    rows_n = rows(FLAT_LIMIT // packed_columns(k, bits), blocks.block_n)
     rows_m = rows(FLAT_LIMIT // max(k, min(n, rows_n)), blocks.block_m)
     if m <= rows_m and n <= rows_n:
         return run(x, codes, lut, scales, zeros)
@@ -350,7 +359,7 @@ def self_check(x_dtype, param_dtype, bits: int, group_size: int, k: int, blocks:
     n = blocks.block_n + 5
     rng = np.random.default_rng(seed)
     levels, n_groups = 2 ** bits, -(-kk // g)
-    args = (jnp.asarray(rng.standard_normal((m, kk)), x_dtype), pack_codes(rng.integers(0, levels, (n, kk))),
+    args = (jnp.asarray(rng.standard_normal((m, kk)), x_dtype), pack_codes(rng.integers(0, levels, (n, kk)), bits),
             jnp.asarray(rng.standard_normal((n, levels)), param_dtype),
             jnp.asarray(rng.uniform(0.01, 0.03, (n, n_groups)), param_dtype),
             jnp.asarray(rng.standard_normal((n, n_groups)) * 0.01, param_dtype))
@@ -375,7 +384,7 @@ def static_entry(m, n, k, group_size, bits, strategy=None, x_dtype="bfloat16", p
     the per-call function of the GPU path and the weight's arguments as stored."""
     S = jax.ShapeDtypeStruct
     n_groups = -(-k // group_size)
-    args = (S((m, k), jnp.dtype(x_dtype)), S((n, packed_columns(k)), jnp.uint8),
+    args = (S((m, k), jnp.dtype(x_dtype)), S((n, packed_columns(k, bits)), jnp.uint8),
             S((n, 2 ** bits), jnp.dtype(param_dtype)), S((n, n_groups), jnp.dtype(param_dtype)),
             S((n, n_groups), jnp.dtype(param_dtype)))
 

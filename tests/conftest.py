@@ -24,15 +24,30 @@ def group_scaled(w, group_size, levels=15):
 
 def codes_by_hand(qw) -> np.ndarray:
     """``(N, K)`` codes of a ``QuantizedWeight``, decoding the packed bytes by the
-    documented layout, not the library's code: byte j of each 32-byte block holds
-    element 32h + 4w + 2p in its low nibble and the next element in its high
-    nibble (w = j // 4, h = (j // 2) % 2, p = j % 2)."""
-    codes = np.asarray(qw.codes)
-    full = np.zeros((codes.shape[0], 2 * codes.shape[1]), np.int64)
-    for j in range(codes.shape[1]):
-        block, b = divmod(j, 32)
-        e = 64 * block + 32 * ((b // 2) % 2) + 4 * (b // 4) + 2 * (b % 2)
-        full[:, e], full[:, e + 1] = codes[:, j] & 15, codes[:, j] >> 4
+    documented layout, not the library's code. 4 bits: byte j of each 32-byte
+    block holds element 32h + 4w + 2p in its low nibble and the next element in
+    its high nibble (w = j // 4, h = (j // 2) % 2, p = j % 2). 2 and 3 bits
+    (16- and 24-byte blocks): the two codes of that byte j have their low two bits
+    in byte j % 16, at bits 2(j // 16) and 4 + 2(j // 16), and (3 bits) their
+    third bit in byte 16 + j % 8, at bits j // 8 and 4 + j // 8."""
+    codes = np.asarray(qw.codes).astype(np.int64)
+    bits = qw.bits
+    per_block = 8 * bits
+    blocks = codes.shape[1] // per_block
+    full = np.zeros((codes.shape[0], 64 * blocks), np.int64)
+    for block in range(blocks):
+        b0 = per_block * block
+        for j in range(32):
+            e = 64 * block + 32 * ((j // 2) % 2) + 4 * (j // 4) + 2 * (j % 2)
+            if bits == 4:
+                full[:, e], full[:, e + 1] = codes[:, b0 + j] & 15, codes[:, b0 + j] >> 4
+                continue
+            low, shift = codes[:, b0 + j % 16], 2 * (j // 16)
+            full[:, e], full[:, e + 1] = (low >> shift) & 3, (low >> (4 + shift)) & 3
+            if bits == 3:
+                third, q = codes[:, b0 + 16 + j % 8], j // 8
+                full[:, e] |= ((third >> q) & 1) << 2
+                full[:, e + 1] |= ((third >> (4 + q)) & 1) << 2
     return full[:, :qw.shape[1]]
 
 

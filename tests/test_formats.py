@@ -1,13 +1,14 @@
 """Formats against plain-numpy implementations of the docs/design.md §2 formulas."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from any4_jax import FORMATS, GROUP_SIZES, dequantize, quantize_tensor
-from any4_jax.formats import FP4_TABLE, NF4_TABLE, unpack_codes
+from any4_jax.formats import FP4_TABLE, NF4_TABLE
 from any4_jax.kmeans import weighted_kmeans_1d
-from conftest import codes_by_hand, group_scaled, realistic_weight
+from conftest import codes_by_hand, dequantize_by_hand, group_scaled, realistic_weight
 
 SHAPES = [(8, 256, 64), (5, 200, 64), (3, 96, None)]  # (N, K, G); 200 % 64 != 0
 
@@ -52,7 +53,7 @@ def numpy_table(w, g, table):
 
 
 def codes_of(qw):
-    return np.asarray(unpack_codes(qw.codes, qw.shape[1])).astype(np.int64)
+    return codes_by_hand(qw)
 
 
 @pytest.mark.parametrize("n, k, g", SHAPES)
@@ -128,11 +129,11 @@ def test_exact_round_trip(rng, fmt, k, g):
 def test_storage_layout(rng):
     w, _ = realistic_weight(rng, 16, 200)
     qw = quantize_tensor(w, "any3", 64)
-    assert qw.codes.shape == (16, 128) and qw.codes.dtype == np.uint8  # 4 blocks of 64 codes, 32 bytes each
+    assert qw.codes.shape == (16, 96) and qw.codes.dtype == np.uint8  # 4 blocks of 64 codes, 24 bytes each
     assert qw.lut.shape == (16, 8) and qw.scales.shape == (16, 4) and qw.zeros.shape == (16, 4)
     assert qw.n_groups == 4 and qw.bits == 3 and qw.group_size == 64
-    # codes 4 bits each + 8 LUT values a row + 2 values a group, 2 bytes each (bfloat16 default)
-    expected = 16 * 128 + 16 * 8 * 2 + 2 * 16 * 4 * 2
+    # codes 3 bits each + 8 LUT values a row + 2 values a group, 2 bytes each (bfloat16 default)
+    expected = 16 * 96 + 16 * 8 * 2 + 2 * 16 * 4 * 2
     assert qw.nbytes == expected
     assert qw.bits_per_weight == pytest.approx(8 * expected / (16 * 200))
     leaves, treedef = jax.tree_util.tree_flatten(qw)
@@ -227,6 +228,19 @@ def test_bfloat16_storage_is_the_default_and_rounds_only_the_metadata(rng, fmt):
     assert big.bits_per_weight <= 4.5
 
 
+@pytest.mark.parametrize("fmt, bits, most", [("any3", 3, 3.35), ("int3", 3, 3.35), ("any2", 2, 2.35),
+                                              ("int2", 2, 2.35)])
+def test_three_and_two_bit_codes_take_three_and_two_bits(rng, fmt, bits, most):
+    """At K = 4096, G = 128, bf16 metadata: ``bits`` a code, 2**bits LUT entries a
+    row and a scale and zero a group, and the codes round-trip by the documented layout."""
+    w = np.asarray(rng.standard_normal((8, 4096)), np.float32)
+    qw = quantize_tensor(w, fmt, 128, n_init=1) if fmt.startswith("any") else quantize_tensor(w, fmt, 128)
+    assert qw.codes.shape == (8, 4096 // 64 * 8 * bits)
+    assert qw.bits_per_weight == pytest.approx(bits + (2 ** bits * 16 + 2 * 32 * 16) / 4096)
+    assert qw.bits_per_weight <= most
+    np.testing.assert_array_equal(np.asarray(dequantize(qw), np.float64), dequantize_by_hand(qw))
+
+
 def test_storage_dtype_rejected_by_name():
     with pytest.raises(ValueError, match="storage_dtype 'int8'; accepted: bfloat16, float16, float32"):
         quantize_tensor(np.ones((2, 64), np.float32), "int4", 32, storage_dtype="int8")
@@ -278,3 +292,30 @@ def test_packed_bytes_match_a_hand_packed_block():
                 e = 64 * block + 32 * ((j // 2) % 2) + 4 * (j // 4) + 2 * (j % 2)
                 expected[row, 32 * block + j] = padded[e] | (padded[e + 1] << 4)
     np.testing.assert_array_equal(np.asarray(pack_codes(codes)), expected)
+
+
+@pytest.mark.parametrize("bits", [3, 2])
+def test_three_and_two_bit_bytes_match_hand_packed_blocks(bits):
+    """The 2- and 3-bit layout written out by hand (24 or 16 bytes a block): the two
+    codes of the 4-bit layout's byte j keep their low two bits in byte j % 16, at
+    bits 2(j // 16) and 4 + 2(j // 16); 3 bits: their third bit in byte 16 + j % 8,
+    at bits j // 8 and 4 + j // 8. K past the last block is zero-padded."""
+    from pallas_kernels.layout import expand_codes, pack_codes, unpack_codes
+    rng = np.random.default_rng(bits)
+    codes = rng.integers(0, 2 ** bits, (3, 100)).astype(np.uint8)  # 100 codes: a padded second block
+    per_block = 8 * bits
+    expected = np.zeros((3, 2 * per_block), np.uint8)
+    for row in range(3):
+        padded = np.concatenate([codes[row], np.zeros(28, np.uint8)]).astype(np.int64)
+        for block in range(2):
+            out = expected[row, per_block * block:per_block * (block + 1)]
+            for j in range(32):
+                e = 64 * block + 32 * ((j // 2) % 2) + 4 * (j // 4) + 2 * (j % 2)
+                lo, hi, shift = padded[e], padded[e + 1], 2 * (j // 16)
+                out[j % 16] |= ((lo & 3) << shift) | ((hi & 3) << (4 + shift))
+                if bits == 3:
+                    out[16 + j % 8] |= (((lo >> 2) & 1) << (j // 8)) | (((hi >> 2) & 1) << (4 + j // 8))
+    np.testing.assert_array_equal(np.asarray(pack_codes(codes, bits)), expected)
+    np.testing.assert_array_equal(np.asarray(unpack_codes(jnp.asarray(expected), 100, bits)), codes)
+    np.testing.assert_array_equal(np.asarray(expand_codes(jnp.asarray(expected), bits)),
+                                  np.asarray(pack_codes(codes)))  # the 4-bit block the kernels read

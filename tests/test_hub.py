@@ -2,6 +2,7 @@
 hub's own layout (built here; offline: this machine reaches no Hub)."""
 
 import shutil
+import types
 
 import pytest
 
@@ -88,7 +89,7 @@ def test_export_round_trips_bit_for_bit_and_follows_the_documented_layout(tiny_m
     assert cli.main(["export", "--model", str(tmp_path / "q"), "--out", str(tmp_path / "x")]) == 0
     config = json.loads((tmp_path / "x" / "config.json").read_text())
     q = config["quantization_config"]
-    assert (q["quant_method"], q["bits"], q["group_size"], q["format"], q["format_version"]) == ("any4", 3, 32, "any3", 1)
+    assert (q["quant_method"], q["bits"], q["group_size"], q["format"], q["format_version"]) == ("any4", 3, 32, "any3", 2)
     index = json.loads((tmp_path / "x" / "model.safetensors.index.json").read_text())["weight_map"]
     assert len(set(index.values())) > 1
     tensors = {}
@@ -110,3 +111,20 @@ def test_export_round_trips_bit_for_bit_and_follows_the_documented_layout(tiny_m
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     ids = np.arange(10)[None] % 100
     np.testing.assert_array_equal(np.asarray(m2.apply({"params": p2}, ids)), np.asarray(qmodel.apply({"params": qparams}, ids)))
+    # Format version 1 kept 3-bit codes in 4-bit blocks: such an export still loads, to the same arrays.
+    from safetensors.numpy import save_file
+
+    from pallas_kernels.layout import pack_codes
+    for f in set(index.values()):
+        shard = load_file(str(tmp_path / "x" / f))
+        for name in shard:
+            if name.endswith(".qweight"):
+                n, k = shard[name].shape[0], shard[name].shape[1] // 24 * 64  # whole 24-byte blocks
+                shard[name] = np.asarray(pack_codes(codes_by_hand(types.SimpleNamespace(
+                    codes=shard[name], bits=3, shape=(n, k)))))
+        save_file(shard, str(tmp_path / "x" / f), metadata={"format": "pt"})
+    config["quantization_config"]["format_version"] = 1
+    (tmp_path / "x" / "config.json").write_text(json.dumps(config))
+    m3, p3, _ = load_model(tmp_path / "x")
+    for a, b in zip(jax.tree_util.tree_leaves(p3), jax.tree_util.tree_leaves(qparams)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

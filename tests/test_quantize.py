@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import dequantize_by_hand
+from conftest import codes_by_hand, dequantize_by_hand
 from hf_models import linear_inputs
 import torch
 
@@ -261,7 +261,7 @@ def _edit_manifest(d, edit):
 def test_manifest_records_a_versioned_recipe(saved_int4):
     d, _ = saved_int4
     manifest = json.loads((d / "manifest.json").read_text())
-    assert manifest["format_version"] == 4
+    assert manifest["format_version"] == 5
     q = manifest["quantization"]
     assert q["recipe_version"] == 3 and q["method"] == "plain" and q["fmt"] == "int4" and q["storage_dtype"] == "bfloat16"
     model, params, _ = load_model(d)
@@ -295,29 +295,37 @@ def _as_one_checkpoint(d, params):
     checkpointer.close()
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
-def test_checkpoints_of_earlier_format_versions_still_load(tiny_model, tmp_path, version):
+@pytest.mark.parametrize("version, fmt", [(1, "any4"), (2, "any4"), (3, "any4"), (2, "any3"), (3, "int2"),
+                                          (4, "any3")])
+def test_checkpoints_of_earlier_format_versions_still_load(tiny_model, tmp_path, version, fmt):
     """Versions 1-3 kept all params in one orbax checkpoint; 1-2 packed codes in
     pairs (element 2i in the low nibble of byte i); version 1 also lacked the
-    recipe version. They load to the same logits."""
-    from any4_jax.formats import unpack_codes
+    recipe version; 1-4 kept 2- and 3-bit codes in 4-bit blocks. They load to the
+    same logits."""
+    from any4_jax.checkpoint import write_part
+    from pallas_kernels.layout import pack_codes
 
     _, flax_dir = tiny_model("llama")
     model, params, _ = load_model(flax_dir)
-    qmodel, qparams = quantize_model(model, params, fmt="any4", group_size=32, calibration=IDS, progress=False)
+    qmodel, qparams = quantize_model(model, params, fmt=fmt, group_size=32, calibration=IDS, progress=False)
     logits = np.asarray(qmodel.apply({"params": qparams}, jnp.asarray(IDS)))
 
-    def to_pairs(qw):  # the old layout, written with numpy
+    def old_layout(qw):  # written with numpy from the codes decoded by hand
         if not isinstance(qw, QuantizedWeight):
             return qw
-        c = np.asarray(unpack_codes(qw.codes, qw.shape[1]))
+        c = codes_by_hand(qw)
+        if version >= 3:  # 4-bit blocks
+            return dataclasses.replace(qw, codes=pack_codes(c))
         c = np.pad(c, ((0, 0), (0, c.shape[1] % 2)))
         return dataclasses.replace(qw, codes=jnp.asarray((c[:, 0::2] | (c[:, 1::2] << 4)).astype(np.uint8)))
 
-    old = qparams if version == 3 else jax.tree_util.tree_map(to_pairs, qparams,
-                                                              is_leaf=lambda x: isinstance(x, QuantizedWeight))
+    old = jax.tree_util.tree_map(old_layout, qparams, is_leaf=lambda x: isinstance(x, QuantizedWeight))
     save_model(tmp_path / "q", qmodel, qparams)
-    _as_one_checkpoint(tmp_path / "q", old)
+    if version < 4:
+        _as_one_checkpoint(tmp_path / "q", old)
+    else:
+        for key in old:
+            write_part(tmp_path / "q" / "params", key, old[key])
 
     def downgrade(m):
         m["format_version"] = version

@@ -57,7 +57,7 @@ def layouts(text: str) -> dict:
 
 
 @pytest.mark.parametrize("m", [1, 16, 64])
-@pytest.mark.parametrize("group_size, bits", [(128, 4), (32, 4), (256, 3), (4096, 2)])
+@pytest.mark.parametrize("group_size, bits", [(128, 4), (32, 4), (256, 4), (4096, 4)])  # prmt: 4-bit codes
 def test_each_inline_asm_call_gets_four_k_consecutive_bytes_of_a_row(m, group_size, bits, tmp_path):
     text = ttgir(m, 4096, 4096, group_size, bits, tmp_path)
     defs = layouts(text)
