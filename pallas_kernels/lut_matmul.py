@@ -3,8 +3,8 @@
     W[n, k] = lut[n, code[n, k]] * scales[n, k // G] + zeros[n, k // G]
 
 Codes come in the layout of ``pallas_kernels.layout`` (64-element blocks, a
-block's two halves in the low and high nibbles of its words; 2- and 3-bit blocks
-are loaded and expanded to that 4-bit block with shifts and masks); the
+block's two halves in the low and high nibbles of its words; 2- and 3-bit codes,
+in 16- and 24-byte blocks, are shifted and masked into 4-bit words first); the
 byte-permute lookup is the program of ``pallas_kernels.lookup``.
 
 **One kernel for every M** (docs/design.md §5): a program owns ``block_n`` rows
@@ -19,7 +19,7 @@ width), scales the two products by the group's scale and adds the zero term
 ``z[n, g] * Σ_{k∈g} x[k]``. The output is cast and stored by the kernel: one
 launch, no split-K, nothing for XLA to add. Masks are compiled in only where a
 shape does not divide its block, and every load stays inside its buffer: code
-bytes past a row read as code 0, group indices and 2/3-bit codes are clamped, and
+bytes past a row read as code 0, group indices are clamped, and
 a problem past int32 offsets is split into several launches (``FLAT_LIMIT``).
 
 ``lut_matmul_reference`` (pure jnp) is the spec; ``static_entry`` is the entry
@@ -172,8 +172,9 @@ def _kernel(x_ref, codes_ref, lut_ref, scales_ref, zeros_ref, out_ref, *, m, n, 
     split_groups = group_size < block_k     # G = 32: each half of a code block is its own group
     # Code blocks of one group are looked up and multiplied together: `fuse` blocks a dot.
     fuse = 1 if split_groups else block_k // CODE_BLOCK
-    span = jnp.arange(HALF * fuse)          # bytes of `fuse` blocks; value j sits at x column:
-    x_col = (span // HALF) * CODE_BLOCK + span % HALF   # ... k0 + x_col (+ HALF for the high halves)
+    # The code tile of one lookup: 4-bit, `fuse` blocks of 32 bytes; 2-bit (prmt), the `fuse`
+    # blocks' low planes (16 bytes each, consecutive); 3-bit (prmt), one block's low plane.
+    tile = HALF * fuse if bits == 4 or strategy == "gather" else 16 * (fuse if bits == 2 else 1)
     prec = lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
     def load(ref, mask=None):
@@ -181,13 +182,13 @@ def _kernel(x_ref, codes_ref, lut_ref, scales_ref, zeros_ref, out_ref, *, m, n, 
 
     # Ones for the Σx MMA, as a load that never reads (rows are never negative): loaded
     # data can be an MMA operand in shared memory, a constant is rebuilt in registers per MMA.
-    ones = pltr.load(x_ref.at[jnp.zeros((block_n, HALF * fuse), jnp.int32)], mask=(rows < 0)[:, None], other=1)
+    ones = pltr.load(x_ref.at[jnp.zeros((block_n, tile), jnp.int32)], mask=(rows < 0)[:, None], other=1)
 
     def dot(a, b):  # (BN, HALF) x (BM, HALF)^T on the tensor cores, float32 accumulation
         return jnp.dot(a, b.T, preferred_element_type=jnp.float32, precision=prec)
 
     if strategy == "prmt":  # the LUT row's bytes, four entries a register (loop-invariant)
-        entry = (span % 4)[None, :]  # as wide as the code tiles of a fused lookup
+        entry = (jnp.arange(tile) % 4)[None, :]  # as wide as the code tiles of a lookup
         tables = {}
         for q in range(4):
             e = 4 * q + entry
@@ -201,13 +202,30 @@ def _kernel(x_ref, codes_ref, lut_ref, scales_ref, zeros_ref, out_ref, *, m, n, 
         cols = cols[None, :]
         return load(codes_ref.at[rows[:, None] * kc + cols], (cols < kc) if code_tail else None)
 
-    def lookup(block0, n_blocks=1):
-        """The LUT values of the low and high halves of ``n_blocks`` code blocks from
-        block0, ``(BN, 32 * n_blocks)`` each (blocks side by side)."""
-        if strategy == "prmt":  # 4-bit codes: each thread's four K-consecutive bytes are one word
-            return _prmt_lookup(code_bytes(block0 * HALF + jnp.arange(HALF * n_blocks)), tables, dtype, interpret)
-        j = jnp.arange(HALF * n_blocks)
-        blk, pos = j // HALF, j % HALF
+    def lookup(block0, n_blocks):
+        """The LUT values of ``n_blocks`` code blocks from block0, in pieces
+        ``(values (BN, width), x columns (width,) from the first block's, half)``;
+        ``half``: which half of its block each piece's elements are in."""
+        p = jnp.arange(tile)
+        if strategy == "prmt" and bits == 4:  # each thread's four K-consecutive bytes are one word
+            x_col = (p // HALF) * CODE_BLOCK + p % HALF
+            values = _prmt_lookup(code_bytes(block0 * HALF + p), tables, dtype, interpret)
+            return [(values[h], x_col + HALF * h, h) for h in (0, 1)]
+        if strategy == "prmt":  # byte p of a low plane holds 4-bit bytes p (q = 0) and p + 16 (q = 1)
+            pieces = []
+            for b in range(1 if bits == 2 else n_blocks):  # 2-bit: the blocks' planes side by side
+                base = (block0 + b) * per_block
+                low = code_bytes(base + p)
+                third = code_bytes(base + 16 + p % 8) if bits == 3 else None
+                x_col = b * CODE_BLOCK + (p // 16) * CODE_BLOCK + p % 16
+                for q in (0, 1):
+                    c4 = (low >> (2 * q)) & 0x33
+                    if bits == 3:  # 4-bit byte c = p + 16q: bit 2 of its nibbles from byte c % 8, bit c // 8
+                        c4 = c4 | (((third >> (p // 8 + 2 * q).astype(jnp.uint8)[None, :]) & 0x11) << 2)
+                    values = _prmt_lookup(c4, tables, dtype, interpret)
+                    pieces += [(values[h], x_col + 16 * q + HALF * h, h) for h in (0, 1)]
+            return pieces
+        blk, pos = p // HALF, p % HALF
         nibble = (4 * (pos % 2))[None, :]
         out = []  # gather: a pointer-indexed load per code; element 4w + e of a half is
         for h in (0, 2):  # nibble e % 2 of byte 4w + h + e // 2 of its block (see the code layout)
@@ -222,7 +240,8 @@ def _kernel(x_ref, codes_ref, lut_ref, scales_ref, zeros_ref, out_ref, *, m, n, 
                     third = code_bytes(base + 16 + c % 8).astype(jnp.int32)
                     code = code | (((third >> ((c // 8)[None, :] + nibble)) & 1) << 2)
             out.append(load(lut_ref.at[(rows * levels)[:, None] + code]).astype(dtype))
-        return out
+        x_col = blk * CODE_BLOCK + pos
+        return [(out[0], x_col, 0), (out[1], x_col + HALF, 1)]
 
     def scale_and_zero(g):
         s = load(scales_ref.at[rows * n_groups + g]).astype(jnp.float32)
@@ -234,11 +253,11 @@ def _kernel(x_ref, codes_ref, lut_ref, scales_ref, zeros_ref, out_ref, *, m, n, 
         prod = xsum = None  # Σ W x and Σ x of this K block, accumulated in the MMA accumulators
         for sub in range(block_k // CODE_BLOCK // fuse):  # `fuse` code blocks at a time
             c0 = k0 + sub * CODE_BLOCK * fuse
-            for w, off in zip(lookup(kb * (block_k // CODE_BLOCK) + sub * fuse, fuse), (0, HALF)):
-                cols = c0 + off + x_col
+            for w, x_col, half in lookup(kb * (block_k // CODE_BLOCK) + sub * fuse, fuse):
+                cols = c0 + x_col
                 xt = load(x_ref.at[xrows[:, None] * k + cols[None, :]], (cols < k)[None, :] if tail else None)
                 if split_groups:  # G = 32 (block_k = 64): each half is its own group (past K: the last)
-                    s, z = scale_and_zero(jnp.minimum(2 * kb + off // HALF, n_groups - 1))
+                    s, z = scale_and_zero(jnp.minimum(2 * kb + half, n_groups - 1))
                     acc = acc + s * dot(w, xt) + z * dot(ones, xt)
                     continue
                 prod = dot(w, xt) if prod is None else dot(w, xt) + prod
@@ -293,8 +312,9 @@ def lut_matmul(x, codes, lut, scales, zeros, *, k: int, group_size: int, strateg
       lut: ``(N, 2**bits)``, bits 2, 3 or 4; scales, zeros: ``(N, ceil(K/G))`` (any float dtype).
       k, group_size: K and the group length (``K`` for one group per row).
       strategy: the LUT lookup: ``"prmt"`` (the LUT in registers, byte permutes;
-        4-bit codes and 16-bit x only) or ``"gather"`` (a load per code, its bits
-        picked out of the 2- or 3-bit planes); default prmt where it applies.
+        16-bit x only; 2- and 3-bit codes are first shifted and masked into 4-bit
+        words) or ``"gather"`` (a load per code); default prmt for bf16/f16 x,
+        gather for float32 x.
       interpret: run in the Pallas interpreter (any backend; for tests).
       block_options: override the fields of ``block_sizes`` (a ``BlockSizes``).
 
@@ -307,11 +327,11 @@ def lut_matmul(x, codes, lut, scales, zeros, *, k: int, group_size: int, strateg
     if lut.shape[0] != n or levels not in (4, 8, 16):
         raise ValueError(f"lut must be (N={n}, 4|8|16); got {lut.shape}")
     bits = levels.bit_length() - 1
-    prmt_ok = x.dtype in (jnp.bfloat16, jnp.float16) and bits == 4
+    prmt_ok = x.dtype in (jnp.bfloat16, jnp.float16)
     strategy = strategy or ("prmt" if prmt_ok else "gather")
     if strategy not in STRATEGIES or (strategy == "prmt" and not prmt_ok):
         raise ValueError(f"unknown strategy {strategy!r} for x of dtype {x.dtype} and {bits}-bit codes; accepted: "
-                         f"{'prmt, gather' if prmt_ok else 'gather (prmt needs 4-bit codes and bf16 or f16 x)'}")
+                         f"{'prmt, gather' if prmt_ok else 'gather (prmt needs bf16 or f16 x)'}")
     if codes.shape != (n, packed_columns(k, bits)) or codes.dtype != jnp.uint8:
         raise ValueError(f"codes of {bits}-bit weights must be uint8 (N, packed_columns(K, {bits})) = "
                          f"({n}, {packed_columns(k, bits)}); got {codes.dtype} {codes.shape}")

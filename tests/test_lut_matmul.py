@@ -26,11 +26,11 @@ FORMAT_OF_BITS = {4: "any4", 3: "int3", 2: "any2"}
 ON_GPU = jax.default_backend() == "gpu"  # then the kernel tests run compiled (scripts/gpu_check.sh)
 
 # (M, K, N, group size, bits, dtype, strategy): a sample of the full grid in
-# which every value of every axis appears; prmt needs 4-bit codes and 16-bit x.
+# which every value of every axis appears; prmt needs 16-bit x.
 CASES = [
     (1, 4096, 4096, 128, 4, jnp.bfloat16, "prmt"),
     (1, 4096, 4096, 128, 4, jnp.bfloat16, "gather"),
-    (1, 576, 1536, 32, 3, jnp.float16, "gather"),
+    (1, 576, 1536, 32, 3, jnp.float16, "prmt"),
     (3, 576, 64, 64, 2, jnp.float32, "gather"),
     (3, 4096, 1536, 256, 4, jnp.float16, "prmt"),
     (16, 576, 1536, None, 4, jnp.bfloat16, "prmt"),
@@ -38,7 +38,7 @@ CASES = [
     (33, 576, 64, 128, 4, jnp.float32, "gather"),
     (33, 576, 1536, 64, 2, jnp.bfloat16, "gather"),
     (128, 576, 64, 256, 3, jnp.float16, "gather"),
-    (128, 4096, 64, None, 2, jnp.bfloat16, "gather"),
+    (128, 4096, 64, None, 2, jnp.bfloat16, "prmt"),
     (128, 576, 4096, 128, 4, jnp.float32, "gather"),
 ]
 
@@ -111,9 +111,10 @@ BOUNDS = [  # (m, k, n, G, levels, dtype, strategy, block_n, block_k)
     *[(2, 4 * 64 + r, 24, 32, 16, jnp.float32, "gather", 16, 64) for r in (1, 16, 32)],  # G = 32, K = r mod 64
     (5, 300, 5, 300, 8, jnp.float32, "gather", 32, 64),    # 3-bit, N < block_n, one group a row
     (17, 1000, 7, 64, 4, jnp.bfloat16, "gather", 64, 64),  # 2-bit, M past one block
-    (1, 200, 3, 64, 8, jnp.float16, "gather", 16, 64),
+    (1, 200, 3, 64, 8, jnp.float16, "prmt", 16, 64),
     # K blocks past the last code block (5 code blocks, 3 K blocks of 128): 3 and 2 bits
-    (3, 289, 40, 289, 8, jnp.bfloat16, "gather", 32, 128), (2, 289, 24, 289, 4, jnp.float32, "gather", 16, 128),
+    (3, 289, 40, 289, 8, jnp.bfloat16, "prmt", 32, 128), (2, 289, 24, 289, 4, jnp.float32, "gather", 16, 128),
+    (2, 289, 24, 289, 4, jnp.bfloat16, "prmt", 16, 128), (4, 2 * 64 + 7, 40, 32, 8, jnp.float16, "prmt", 32, 64),
 ]
 
 
@@ -193,7 +194,7 @@ def test_matmul_path_is_fixed_when_the_model_is_built_not_while_tracing(rng, mon
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(strategy="table"), "accepted: gather \\(prmt needs 4-bit codes and bf16 or f16 x\\)"),
+    (dict(strategy="table"), "accepted: gather \\(prmt needs bf16 or f16 x\\)"),
     (dict(strategy="prmt"), "'prmt' for x of dtype float32"),
     (dict(block_n=48), "block_n must be a power of two >= 16"),
     (dict(block_k=128), "block_k = 128 must divide the group size 64"),
@@ -229,8 +230,8 @@ CAN_LOWER, WHY_NOT = _can_lower_for_cuda()
 @pytest.mark.skipif(not CAN_LOWER, reason=WHY_NOT or "-")
 @pytest.mark.parametrize("m, k, group_size, bits, dtype, param_dtype, strategy", [
     (1, 4096, 128, 4, jnp.bfloat16, jnp.bfloat16, "prmt"), (1, 4096, 128, 4, jnp.bfloat16, jnp.bfloat16, "gather"),
-    (4, 4096, 32, 4, jnp.float16, jnp.float32, "prmt"), (16, 4096, 4096, 3, jnp.bfloat16, jnp.bfloat16, "gather"),
-    (64, 4096, 128, 2, jnp.bfloat16, jnp.bfloat16, "gather"), (128, 4096, 256, 4, jnp.float32, jnp.float32, "gather"),
+    (4, 4096, 32, 4, jnp.float16, jnp.float32, "prmt"), (16, 4096, 4096, 3, jnp.bfloat16, jnp.bfloat16, "prmt"),
+    (64, 4096, 128, 2, jnp.bfloat16, jnp.bfloat16, "prmt"), (128, 4096, 256, 4, jnp.float32, jnp.float32, "gather"),
     (1, 333, 333, 4, jnp.bfloat16, jnp.bfloat16, "prmt"),       # odd K, one group a row
     (16, 1000, 64, 4, jnp.bfloat16, jnp.bfloat16, "prmt"),      # K not a multiple of G
 ])

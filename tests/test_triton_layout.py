@@ -57,12 +57,16 @@ def layouts(text: str) -> dict:
 
 
 @pytest.mark.parametrize("m", [1, 16, 64])
-@pytest.mark.parametrize("group_size, bits", [(128, 4), (32, 4), (256, 4), (4096, 4)])  # prmt: 4-bit codes
+@pytest.mark.parametrize("group_size, bits", [(128, 4), (32, 4), (256, 3), (4096, 2), (32, 3), (128, 2)])
 def test_each_inline_asm_call_gets_four_k_consecutive_bytes_of_a_row(m, group_size, bits, tmp_path):
     text = ttgir(m, 4096, 4096, group_size, bits, tmp_path)
     defs = layouts(text)
     calls = [line for line in text.splitlines() if "tt.elementwise_inline_asm" in line]
-    assert len(calls) == 2, "one lookup a half of a code block"  # outputs o0, o1 and o2, o3
+    block_k = lm.block_sizes(m, 4096, 4096, group_size, bits).block_k
+    fuse = 1 if group_size < block_k else block_k // 64
+    # one lookup a half of a code tile (outputs o0, o1 and o2, o3); 2 and 3 bits: a tile a q
+    # (the low plane's bits 0-1/4-5 and 2-3/6-7), 3 bits: a tile a code block
+    assert len(calls) == {4: 2, 2: 4, 3: 4 * fuse}[bits], len(calls)
     for call in calls:
         assert "packed_element = 4" in call, call[-300:]
         signature = call[call.rindex("} : ") if "} : " in call else call.rindex(" : "):]
