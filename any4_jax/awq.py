@@ -1,4 +1,4 @@
-"""AWQ: activation-aware scaling and clipping for the fixed formats (docs/design.md §10).
+"""AWQ: activation-aware scaling and clipping (docs/design.md §10).
 
 AWQ (Lin et al., 2024) protects the weights that meet large activations: the
 input channels of the layers that share an input are multiplied by
@@ -7,7 +7,11 @@ output they read) is divided by ``s``, which leaves the float model unchanged
 while the quantization grid follows the salient channels. ``α`` is searched on
 a grid per group of layers, then each group's clipping range is searched; the
 result is a float model that plain round-to-nearest quantizes, so it is stored
-and served like every other format.
+and served like every other format. For anyN the searches round to intN (the
+same min-max groups anyN's tables are learned in, ``search_format``), there is
+no clipping (a learned table keeps the outliers; on the tests' tiny model,
+clipping raised anyN's output error above plain anyN's), and the table is then
+learned on the scaled weights.
 
 Here both searches minimize the layers' own output error
 ``tr((W − Ŵ) H (W − Ŵ)ᵀ)`` with ``H = E[x xᵀ]`` (the reference implementation
@@ -28,6 +32,13 @@ from any4_jax.formats import get_format, round_to_nearest
 SCALE_GRID = 20  # α in 0, 0.05, ..., 0.95 (α = 0: no scaling)
 CLIP_RATIOS = tuple(1 - i / 20 for i in range(10))  # 1.0 down to 0.55 of a group's |w| max
 NO_CLIP = ("q_proj", "k_proj")  # as the reference: their errors are amplified by the attention softmax
+
+
+def search_format(fmt: str) -> str:
+    """The fixed format whose rounding the searches measure: ``fmt`` itself, or for
+    anyN intN (anyN learns its table in intN's min-max groups)."""
+    spec = get_format(fmt)
+    return f"int{spec.bits}" if spec.kind == "learned" else fmt
 
 
 def scale_groups(config, layer_names) -> list[tuple[str, str, list[str]]]:
@@ -56,8 +67,8 @@ def scale_groups(config, layer_names) -> list[tuple[str, str, list[str]]]:
 
 def awq(config, params, hessians: dict, mean_abs: dict, fmt: str, group_size: int | None, *,
         clip: bool = True, progress: bool = False):
-    """``(params, hessians)`` after AWQ's scaling and clipping, for ``fmt``
-    (a fixed format) at ``group_size``: the float model computes the same
+    """``(params, hessians)`` after AWQ's scaling and clipping, for ``fmt`` at
+    ``group_size`` (searched with ``search_format(fmt)``): the float model computes the same
     function (up to clipping; ``clip=False`` skips it), and each Hessian is
     that of the scaled inputs.
 
@@ -65,8 +76,8 @@ def awq(config, params, hessians: dict, mean_abs: dict, fmt: str, group_size: in
     ``dense_input_statistics(..., "mean_abs")`` of the float model; a layer
     without them (not quantized) is left alone, and so is its group.
     """
-    if get_format(fmt).kind == "learned":
-        raise ValueError(f"method='awq' takes a fixed format (int4, int3, int2, nf4, fp4); got {fmt!r}")
+    clip = clip and get_format(fmt).kind != "learned"  # anyN's tables keep outliers: clipping cost it error
+    fmt = search_format(fmt)
     params = jax.tree_util.tree_map(lambda x: x, params)  # new containers, same leaves
     hessians = dict(hessians)
     get = lambda path: functools.reduce(lambda t, key: t[key], path.split("/"), params)

@@ -49,7 +49,7 @@ def add_quantize_arguments(p: argparse.ArgumentParser, format_flag: str = "--for
                         "a text FILE, or 'none'")
     p.add_argument("--method", default="plain", choices=METHODS + tuple(PRESETS),
                    help="plain (the paper's), gptq (error feedback through the Hessian of each layer's "
-                        "inputs), awq (fixed formats: activation-aware scaling and clipping) or gptq-refine "
+                        "inputs), awq (activation-aware scaling and clipping, then plain) or gptq-refine "
                         f"(gptq, then --refine {REFINE_STEPS}: the best any4 here, slowest)")
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="gptq: columns in order of decreasing Hessian diagonal (default: on)")

@@ -168,10 +168,13 @@ def _quantize_stage(stage, params, layers, recipe, inputs, xs, key, layer, needs
         order = [p for p in traced if p in layers] + [p for p in layers if p not in traced]
     index = {path: layer + j for j, path in enumerate(order)}
     stats, hessians = _calibration(cap, layers, r)
-    if r.method == "awq" and cap is not None:  # scaled and clipped float weights, then round-to-nearest
+    if r.method == "awq" and cap is not None:  # scaled and clipped float weights, then quantized as plain
         mean_abs = {p: s for p in layers if (s := cap.statistic(p, "mean_abs")) is not None}
         params, hessians = awq(config, params, hessians, mean_abs, r.fmt, r.group_size)
         layers = _dense_layers(params, r.skip)
+        if get_format(r.fmt).kind == "learned":  # anyN's k-means weights: the scaled inputs' statistic
+            stats, hessians = _calibration(calibrate.capture(stage, params, inputs, xs, hessians=True, outputs=False),
+                                           layers, r)
     quantize = functools.partial(_quantize_one, layers=layers, recipe=r, key=key, index=index, mesh=mesh,
                                  kmeans_options=kmeans_options)
     quantized = {}
@@ -246,7 +249,7 @@ def quantize_model(model, params, recipe: Recipe | None = None, *, calibration="
     GPTQ, AWQ and refinement fit each layer's output on it; ``recipe.sequential``
     gives each layer the inputs of the model with the layers before it quantized.
     ``method="gptq"`` snaps each weight to its row's table with GPTQ error
-    feedback (``gptq.gptq_quantize``); ``method="awq"`` (fixed formats) scales
+    feedback (``gptq.gptq_quantize``); ``method="awq"`` scales
     and clips first (``awq.awq``); ``refine_steps > 0`` then moves each weight's
     LUT (anyN), scales and zeros, codes fixed (``refine.refine``);
     ``method="gptq-refine"`` is GPTQ then 40 refinement steps. ``key`` seeds

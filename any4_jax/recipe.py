@@ -66,9 +66,6 @@ class Recipe:
             raise ValueError(f"unknown statistic {self.statistic!r}; accepted: {', '.join(STATISTICS)}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; accepted: {', '.join(METHODS + tuple(PRESETS))}")
-        if self.method == "awq" and get_format(self.fmt).kind == "learned":
-            raise ValueError(f"method='awq' takes a fixed format (int4, int3, int2, nf4, fp4); got {self.fmt!r} "
-                             f"(for anyN use 'plain' or 'gptq')")
         if self.method == "awq" and self.sequential:
             raise ValueError("method='awq' is not sequential (its scaling keeps the float model's function); "
                              "drop sequential=True")

@@ -34,6 +34,7 @@ import jax
 
 from any4_jax import assets, load_model
 from any4_jax.evaluate import perplexity
+from any4_jax.formats import get_format
 from any4_jax.quantize import quantize_model
 from any4_jax.recipe import bits_per_weight
 from converters import hf2flax
@@ -62,6 +63,7 @@ CONFIGS = [
     ("any3 + GPTQ, generated, act-order, damp 3", dict(fmt="any3", method="gptq", act_order=True, damp=3.0,
                                                        calibration="generated"), True),
     ("AWQ-int4, generated", dict(fmt="int4", method="awq", calibration="generated"), True),
+    ("any4 + AWQ scaling (no clipping), generated", dict(fmt="any4", method="awq", calibration="generated"), True),
     ("any4 + refinement (40 steps), generated", dict(fmt="any4", refine_steps=40, calibration="generated"), True),
     ("any4 + GPTQ + refinement (40 steps), generated, act-order, damp 3",
      dict(fmt="any4", method="gptq", act_order=True, damp=3.0, refine_steps=40, calibration="generated"), True),
@@ -76,25 +78,31 @@ SEED = 0
 # Gemma 3 270M: the paper's comparison (float, fixed tables, any4 plain and best, GPTQ and AWQ on int4)
 GEMMA3_ROWS = ("int4", "fp4", "nf4", "any4, calibrated (abs_mean) x scale  [default]",
                "any4 + GPTQ + refinement (40 steps), generated, act-order, damp 3",
-               "GPTQ-int4, generated, act-order, damp 0.01", "AWQ-int4, generated")
+               "GPTQ-int4, generated, act-order, damp 0.01", "AWQ-int4, generated",
+               "any4 + AWQ scaling (no clipping), generated")
 # Where calibration comes from changed once (block by block: a cached text SmolLM2 wrote, for any model,
 # instead of the model writing its own in memory), and the uncalibrated anyN k-means keys now follow the
 # layers' call order: the rows this changes carry these in their keys, so the rows measured before stay
 # apart (and are shown beside the new ones).
+# 2- and 3-bit codes were later stored at their own width (they had 4-bit containers): the same
+# weights in fewer bytes, a new bits/weight; those rows carry that in their keys too.
 GENERATED = {"generated_text": f"{assets.CALIBRATION_GENERATOR}'s, cached, any model"}
 UNCALIBRATED_ANYN = {"kmeans_keys": "by call order"}
 
 
 def changed_by_pipeline(kwargs) -> dict:
-    """The key fields for what the block-by-block pipeline changed in this row (none: same weights)."""
+    """The key fields for what changed in this row since the in-memory pipeline with 4-bit
+    containers (none: the same weights, stored the same)."""
     if kwargs is None:
         return {}
+    bits = get_format(kwargs["fmt"]).bits
+    stored = {"codes": f"{bits} bits a code"} if bits < 4 else {}
     if kwargs.get("calibration", "default") == "generated" or kwargs.get("method", "plain") != "plain" \
             or kwargs.get("refine_steps"):
-        return GENERATED
+        return {**GENERATED, **stored}
     if kwargs.get("calibration", "default") is None and kwargs["fmt"].startswith("any"):
-        return UNCALIBRATED_ANYN
-    return {}
+        return {**UNCALIBRATED_ANYN, **stored}
+    return stored
 
 
 def row_key(model, label, kwargs, g, windows, seq_len, before=False) -> str:
@@ -200,14 +208,16 @@ def main():
                   for g in args.group_sizes for label, kw, _ in configs
                   if changed_by_pipeline(kw) and key(label, kw, g, True) in results]
         if before:
-            lines += ["## Before the block-by-block pipeline", "",
+            lines += ["## Before the block-by-block pipeline and true 2- and 3-bit storage", "",
                       "These rows were measured before quantization went block by block: the 'generated' text was "
                       "written by the model itself in memory (token ids, not text), and uncalibrated anyN drew "
-                      "its k-means keys in another order. 'now' is the row above ('-': not measured again yet).", "",
-                      "| G | configuration | before: Botchan / Lee | now: Botchan / Lee |", "|---|---|---|---|"]
+                      "its k-means keys in another order; 2- and 3-bit codes were stored in 4-bit containers "
+                      "(hence their bits/weight). 'now' is the row above ('-': not measured again yet).", "",
+                      "| G | configuration | before: Botchan / Lee | bits/weight | now: Botchan / Lee | bits/weight |",
+                      "|---|---|---|---|---|---|"]
             for g, label, old, new in before:
-                now = f"{new['ppl'][0]:.3f} / {new['ppl'][1]:.3f}" if new else "-"
-                lines.append(f"| {g} | {label} | {old['ppl'][0]:.3f} / {old['ppl'][1]:.3f} | {now} |")
+                now = f"{new['ppl'][0]:.3f} / {new['ppl'][1]:.3f} | {new['bpw']:.2f}" if new else "- | -"
+                lines.append(f"| {g} | {label} | {old['ppl'][0]:.3f} / {old['ppl'][1]:.3f} | {old['bpw']:.2f} | {now} |")
             lines.append("")
         Path(args.out).write_text("\n".join(lines) + "\n")
         results_file.write_text(json.dumps(results, indent=1) + "\n")

@@ -153,8 +153,43 @@ def test_quantize_model_awq_is_round_to_nearest_of_the_awq_weights(tiny_model):
                                   np.asarray(final["layers_0"]["input_layernorm"]["weight"]))
 
 
+@pytest.mark.parametrize("fmt", ["any4", "any3"])
+def test_awq_for_anyn_learns_tables_on_the_scaled_weights_with_less_output_error(tiny_model, fmt):
+    """anyN + AWQ: the norms carry the scales of AWQ searched with intN rounding
+    (no clipping), and over the layers, in the float model's coordinates (Ŵ decoded by hand, then
+    divided by the layer's input scale), tr((W - Ŵ) H (W - Ŵ)ᵀ) on the calibration
+    tokens is below plain anyN's with the same calibration."""
+    from conftest import dequantize_by_hand
+    _, flax_dir = tiny_model("llama")
+    model, params, _ = load_model(flax_dir)
+    h = dense_input_hessians(model, params, IDS)
+    h.pop("lm_head")
+    mean_abs = dense_input_statistics(model, params, IDS, "mean_abs")
+    folded, _ = awq(model.config, params, h, mean_abs, f"int{fmt[-1]}", G, clip=False)
+    _, q_awq = quantize_model(model, params, fmt=fmt, method="awq", group_size=G, calibration=IDS, progress=False)
+    _, q_plain = quantize_model(model, params, fmt=fmt, group_size=G, calibration=IDS, progress=False)
+    for i in range(2):
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            np.testing.assert_array_equal(np.asarray(q_awq[f"layers_{i}"][norm]["weight"]),
+                                          np.asarray(folded[f"layers_{i}"][norm]["weight"]))
+    ratio = lambda path, key: np.asarray(get(params, path)[key], np.float64) / np.asarray(get(folded, path)[key])
+    total_awq = total_plain = 0.0
+    for i in range(2):
+        s_qkv = ratio(f"layers_{i}/input_layernorm", "weight")
+        s_mlp = ratio(f"layers_{i}/post_attention_layernorm", "weight")
+        s_down = ratio(f"layers_{i}/mlp/up_proj", "kernel")[0] * s_mlp[0]
+        for name, s_in, s_out in [("self_attn/q_proj", s_qkv, 1), ("self_attn/k_proj", s_qkv, 1),
+                                  ("self_attn/v_proj", s_qkv, 1), ("mlp/gate_proj", s_mlp, 1),
+                                  ("mlp/up_proj", s_mlp, s_down), ("mlp/down_proj", s_down, 1)]:
+            path = f"layers_{i}/{name}"
+            w = np.asarray(get(params, path)["kernel"], np.float64).T
+            w_awq = dequantize_by_hand(get(q_awq, path)["kernel"]) * np.reshape(s_out, (-1, 1)) / s_in
+            total_awq += error(w, w_awq, h[path])
+            total_plain += error(w, dequantize_by_hand(get(q_plain, path)["kernel"]), h[path])
+    assert total_awq < total_plain, (total_awq, total_plain)
+
+
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(fmt="any4"), "method='awq' takes a fixed format"),
     (dict(fmt="int4", sequential=True), "method='awq' is not sequential"),
     (dict(fmt="int4", calibration=None), "method='awq' needs calibration data"),
 ])
