@@ -1,10 +1,12 @@
-"""Generation speed, float vs any4, batch 1 and 8: prompts of 128 tokens, 128 new tokens.
+"""Generation speed, float vs any4 (and any3, any2), batch 1 and 8: prompts of 128 tokens, 128 new tokens.
 
-    python -m benchmarks.generate_bench [--batch 1 8] [--runs 3] [--out benchmarks/results/generate_cpu.md] [--llama8b]
+    python -m benchmarks.generate_bench [--batch 1 8] [--runs 3] [--formats any4 any3 any2]
+        [--out benchmarks/results/generate_cpu.md] [--llama8b]
 
-SmolLM2-135M (real weights): float32, bfloat16, and any4 (calibrated, G = 128,
-bf16 metadata, float32 compute) through ``qmatmul``'s ``"auto"`` path (the C++
-kernel on a CPU, Pallas on a GPU) and through its ``"xla"`` path. Prompts are
+SmolLM2-135M (real weights): float32, bfloat16, and each of ``--formats``
+(calibrated, G = 128, bf16 metadata, float32 compute; any3 and any2 stored at 3
+and 2 bits a code) through ``qmatmul``'s ``"auto"`` path (the C++ kernel on a
+CPU, Pallas on a GPU), and any4 also through its ``"xla"`` path. Prompts are
 consecutive 128-token slices of Botchan; every row generates all its tokens (no
 stop token). Each configuration runs once to compile, then ``--runs`` times;
 the table has the median of each figure: prefill and decode tokens/s (decode
@@ -74,12 +76,14 @@ def main():
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--formats", nargs="+", default=["any4", "any3", "any2"], help="quantized formats to time")
     p.add_argument("--out", default="benchmarks/results/generate_cpu.md")
     p.add_argument("--llama8b", action="store_true", default=jax.default_backend() == "gpu")
     args = p.parse_args()
     device = jax.devices()[0]
     command = (f"python -m benchmarks.generate_bench --prompt-len {args.prompt_len} --new-tokens {args.new_tokens} "
-               f"--batch {' '.join(map(str, args.batch))} --runs {args.runs}" + (" --llama8b" if args.llama8b else ""))
+               f"--batch {' '.join(map(str, args.batch))} --runs {args.runs} --formats {' '.join(args.formats)}"
+               + (" --llama8b" if args.llama8b else ""))
     lines = [f"Written by `{command}` on {getattr(device, 'device_kind', device.platform)} ({device.platform}), "
              f"host {platform.machine()} with {os.cpu_count()} cores, jax {jax.__version__}. "
              f"Prompts of {args.prompt_len} tokens, {args.new_tokens} new tokens a row; medians of {args.runs} runs.",
@@ -97,9 +101,12 @@ def main():
     ids = tok(assets.text("botchan"))["input_ids"]
     bf16_model, bf16_params = load_model(flax_dir, dtype=jnp.bfloat16, tokenizer=False)[:2]
     bf16_params = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), bf16_params)
-    qmodel, qparams = quantize_model(model, params, fmt="any4", tokenizer=tok, progress=False)
-    variants = [("float32", "-", model, params), ("bfloat16", "-", bf16_model, bf16_params),
-                ("any4", "auto", qmodel, qparams), ("any4", "xla", qmodel.clone(dense=dataclasses.replace(qmodel.dense, matmul="xla")), qparams)]
+    variants = [("float32", "-", model, params), ("bfloat16", "-", bf16_model, bf16_params)]
+    for fmt in args.formats:
+        qmodel, qparams = quantize_model(model, params, fmt=fmt, tokenizer=tok, progress=False)
+        variants.append((fmt, "auto", qmodel, qparams))
+        if fmt == "any4":
+            variants.append((fmt, "xla", qmodel.clone(dense=dataclasses.replace(qmodel.dense, matmul="xla")), qparams))
     for batch in args.batch:
         prompts = [ids[1000 + i * args.prompt_len:1000 + (i + 1) * args.prompt_len] for i in range(batch)]
         base = None
