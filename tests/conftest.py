@@ -3,6 +3,12 @@ import os
 import numpy as np
 import pytest
 
+# No persistent XLA cache in the tests (the CLI turns one on in its process, and the tests
+# call it in theirs): each run compiles what it runs, and no entry another process left in
+# the user's cache can reach the suite (a CI dry run crashed deserializing one). Set before
+# jax is imported; subprocesses inherit it.
+os.environ.setdefault("JAX_ENABLE_COMPILATION_CACHE", "false")
+
 
 def realistic_weight(rng, n, k):
     """Heavy-tailed (Student-t, 4 dof) weights at an LLM-like scale, plus a
