@@ -226,11 +226,11 @@ def _read_model_dir(d: Path, dtype, require, mesh, matmul):
 
 def _repack_pairs(params):
     """Codes of format versions 1-2 (element 2i in the low nibble of byte i) in today's layout."""
-    def repack(qw):
+    def from_pairs(qw):
         pairs = jnp.stack([qw.codes & 0xF, qw.codes >> 4], axis=-1).reshape(qw.shape[0], -1)[:, :qw.shape[1]]
         return dataclasses.replace(qw, codes=pack_codes(pairs, qw.bits))
 
-    return _map_quantized(repack, params)
+    return _map_quantized(from_pairs, params)
 
 
 def _in_containers(manifest: dict) -> bool:

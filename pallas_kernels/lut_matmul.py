@@ -330,7 +330,7 @@ def lut_matmul(x, codes, lut, scales, zeros, *, k: int, group_size: int, strateg
     prmt_ok = x.dtype in (jnp.bfloat16, jnp.float16)
     strategy = strategy or ("prmt" if prmt_ok else "gather")
     if strategy not in STRATEGIES or (strategy == "prmt" and not prmt_ok):
-        raise ValueError(f"unknown strategy {strategy!r} for x of dtype {x.dtype} and {bits}-bit codes; accepted: "
+        raise ValueError(f"unknown strategy {strategy!r} for x of dtype {x.dtype}; accepted: "
                          f"{'prmt, gather' if prmt_ok else 'gather (prmt needs bf16 or f16 x)'}")
     if codes.shape != (n, packed_columns(k, bits)) or codes.dtype != jnp.uint8:
         raise ValueError(f"codes of {bits}-bit weights must be uint8 (N, packed_columns(K, {bits})) = "
