@@ -93,6 +93,18 @@ def layer_errors(params, base, other, hessians) -> dict:
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _compiled_code_freed_after_each_module():
+    """Each jitted executable keeps its code in memory maps of its own until jax's
+    caches drop it; one process running the whole suite passed Linux's 65530 maps
+    a process (vm.max_map_count), and XLA segfaulted compiling the next one."""
+    yield
+    import gc
+    import jax
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture(autouse=True)
 def _broken_kernel_when_asked(monkeypatch):
     """``scripts/gpu_check.sh --break-kernel``: every Pallas kernel output is off by
