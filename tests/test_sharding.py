@@ -14,7 +14,7 @@ HERE = Path(__file__).resolve().parent
 def test_multidevice_checks():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "python_files=check_*.py",
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-o", "python_files=check_*.py",
          "--rootdir", str(HERE / "multidevice"), str(HERE / "multidevice" / "check_sharding.py")],
         env=env, capture_output=True, text=True, timeout=1200)
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
