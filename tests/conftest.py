@@ -10,17 +10,6 @@ import pytest
 os.environ.setdefault("JAX_ENABLE_COMPILATION_CACHE", "false")
 
 
-# The files that take minutes (subprocesses, real models) start first, so that the two
-# worker processes (pyproject addopts) end together rather than one running them alone at the end.
-SLOW_FILES_FIRST = ("test_sharding.py", "test_examples.py", "test_gemma3.py", "test_streaming.py",
-                    "test_no_torch.py")
-
-
-def pytest_collection_modifyitems(items):
-    first = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
-    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the rest keep their order
-
-
 def realistic_weight(rng, n, k):
     """Heavy-tailed (Student-t, 4 dof) weights at an LLM-like scale, plus a
     heavy-tailed per-input-channel activation statistic."""
